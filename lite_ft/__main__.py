@@ -1,0 +1,3 @@
+from lite_ft.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""`lite-ft run`: data -> model -> (baseline eval) -> train -> eval -> save, all recorded in the run folder."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lite_ft import __version__
+from lite_ft.config import Recipe, dump_recipe
+from lite_ft.data import load_splits
+from lite_ft.errors import DataError
+from lite_ft.memory import MemoryMonitor
+from lite_ft.model import Built, build, count_params, pick_device
+from lite_ft.tasks import get_task
+from lite_ft.train import set_seed, train
+
+_SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
+               "instruction": ("loss", "perplexity")}
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Fine-tune and evaluate as the recipe says; write metrics.json, predictions.jsonl, train_log.jsonl,
+    memory.json, recipe.yaml and the weights into output.dir. Returns the metrics."""
+    started = time.perf_counter()
+    out = Path(recipe.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(recipe.task)
+    train_split, eval_split = load_splits(recipe, task)  # before the model: bad data fails fast
+    num_labels = task.num_labels(recipe.data, train_split, eval_split) if recipe.task == "classification" else None
+    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+    set_seed(recipe.train.seed)  # before build: LoRA and classifier heads are initialised there
+    monitor = MemoryMonitor(pick_device(recipe.train.device))
+    with monitor:
+        with monitor.phase("model_load"):
+            built = build(recipe, num_labels=num_labels)
+        encoded = _encode(task, train_split, built, recipe)
+        metrics: dict[str, Any] = {"task": recipe.task, "method": recipe.method, "model": recipe.model.source,
+                                   "quantization": recipe.model.quantization}
+        if recipe.eval.baseline and eval_split is not None:
+            with monitor.phase("evaluation"):
+                metrics["baseline_eval"], _ = task.evaluate(built.model, built.tokenizer, eval_split.examples,
+                                                            recipe, built.device)
+        trainable, total = count_params(built.model)
+        stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id, causal=task.causal,
+                      device=built.device, monitor=monitor, log_path=out / "train_log.jsonl")
+        if eval_split is not None:
+            with monitor.phase("evaluation"):
+                metrics["eval"], predictions = task.evaluate(built.model, built.tokenizer, eval_split.examples,
+                                                             recipe, built.device)
+            _write_jsonl(out / "predictions.jsonl", predictions)
+        if recipe.output.save_model:
+            with monitor.phase("save"):
+                _save(built, out)
+    memory = monitor.report()
+    stats.update(trainable_params=trainable, total_params=total, peak_memory_mib=memory["peak_mib"],
+                 peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
+                 device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
+    metrics["train"] = stats
+    metrics["data"] = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
+    metrics["versions"] = _versions()
+    metrics["wall_seconds_total"] = time.perf_counter() - started
+    (out / "memory.json").write_text(json.dumps(memory, indent=2), encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _encode(task: Any, split: Any, built: Built, recipe: Recipe) -> list[dict[str, Any]]:
+    """Tokenize the training examples; those longer than data.max_length are skipped and counted."""
+    kept, encoded = [], []
+    for example in split.examples:
+        item = task.encode(example, built.tokenizer, recipe)
+        if item is None:
+            split.skip(f"longer than data.max_length ({recipe.data.max_length} tokens)", example.get("id"))
+        else:
+            kept.append(example)
+            encoded.append(item)
+    split.examples = kept
+    if not encoded:
+        raise DataError(f"no training example fits in data.max_length={recipe.data.max_length} tokens; raise it")
+    return encoded
+
+
+def _save(built: Built, out: Path) -> None:
+    """The adapter (PEFT format) for lora/qlora, else the full weights (safetensors), plus the tokenizer."""
+    folder = out / ("adapter" if hasattr(built.model, "peft_config") else "model")
+    built.model.save_pretrained(folder)
+    built.tokenizer.save_pretrained(folder)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return {"lite-ft": __version__, **found}
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """A small before/after table of the task scores and the training figures, for the terminal."""
+    keys = _SCORE_KEYS[metrics["task"]]
+    rows = [("", *keys)]
+    if "baseline_eval" in metrics:
+        rows.append(("before training", *(f"{metrics['baseline_eval'][k]:.2f}" for k in keys)))
+    if "eval" in metrics:
+        rows.append(("after training", *(f"{metrics['eval'][k]:.2f}" for k in keys)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    t = metrics["train"]
+    n = metrics.get("eval", {}).get("n")
+    lines.append(f"{t['steps']} steps, final loss {t['final_loss']:.3f}, {t['tokens_per_second']:.0f} tokens/s, "
+                 f"peak memory {t['peak_memory_mib']:.0f} MiB ({t['peak_memory_phase']}), "
+                 f"{t['trainable_params']:,} of {t['total_params']:,} parameters trained"
+                 + (f", {n} eval examples" if n else ""))
+    for name, report in metrics["data"].items():
+        if report and report["skipped"]:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped"].items())
+            lines.append(f"data.{name}: {report['used']} examples used, skipped: {reasons}")
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Tasks: how raw rows become training examples, and how a model is scored. One module per task."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from lite_ft.config import DataConfig, Recipe
+from lite_ft.data import Split
+
+
+class Task(Protocol):
+    name: str
+    causal: bool  # trained with the causal-LM loss (qa, instruction) or a classification head
+    fields_hint: str  # example data.fields mapping, shown when no row is usable
+
+    def prepare(self, rows: list[dict[str, Any] | None], cfg: DataConfig, split: str) -> Split:
+        """Keep the rows the task can use, reduced to its own fields; count the others by reason."""
+
+    def encode(self, example: dict[str, Any], tokenizer: Any, recipe: Recipe) -> dict[str, Any] | None:
+        """Token ids and labels for training; None when the example cannot be used (too long)."""
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]], recipe: Recipe,
+                 device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Scores (percent) and one prediction record per example."""
+
+
+def get_task(name: str) -> Task:
+    from lite_ft.tasks.classification import ClassificationTask
+    from lite_ft.tasks.instruction import InstructionTask
+    from lite_ft.tasks.qa import QATask
+
+    return {"qa": QATask, "classification": ClassificationTask, "instruction": InstructionTask}[name]()
+
+
+def field_value(row: dict[str, Any], cfg: DataConfig, name: str, default: str) -> Any:
+    """The value of task field `name`, read from the column that data.fields maps it to (default: same name)."""
+    from lite_ft.data import get_path
+
+    return get_path(row, cfg.fields.get(name, default))
