@@ -52,19 +52,22 @@ def _quiet_libraries() -> None:
 @main.command("run", context_settings={"ignore_unknown_options": False})
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever run output.dir holds.")
 @_clean_errors
-def run_command(recipe: str, overrides: tuple[str, ...]) -> None:
+def run_command(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Fine-tune and evaluate as RECIPE says.
 
     OVERRIDES are section.key=value pairs checked like the file, e.g. train.max_steps=20 lora.r=8
     output.dir=runs/try2. Results land in output.dir: metrics.json, predictions.jsonl, train_log.jsonl,
-    memory.json, recipe.yaml and the adapter or weights.
+    memory.json, recipe.yaml and the adapter or weights. An unfinished run of the same recipe in output.dir
+    resumes from its last checkpoint; a different run there is refused unless --overwrite.
     """
     from lite_ft.config import load_recipe
     from lite_ft.run import run, summary
 
     parsed = load_recipe(recipe, overrides)
-    metrics = run(parsed)
+    metrics = run(parsed, resume=resume, overwrite=overwrite)
     click.echo(summary(metrics))
     click.echo(f"results in {parsed.output.dir}/ (metrics.json, predictions.jsonl)")
 
@@ -88,3 +91,58 @@ def models_command() -> None:
     for entry in CATALOG.values():
         click.echo(f"{entry.name:24} {entry.description}")
     click.echo(f"(cached under {cache_dir() / 'models'})")
+
+
+@main.command("merge")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(), help="Folder to write; a previous export there is replaced.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight dtype of a safetensors export.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
+@click.option("--gguf-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
+              help="Tensor type of a GGUF export (norms stay f32).")
+@_clean_errors
+def merge_command(run_dir: str, out: str, dtype: str, fmt: str, gguf_type: str) -> None:
+    """Merge the adapter of RUN_DIR into its base model and export it, verified.
+
+    The base is reloaded unquantized, the adapter merged into it, and the result checked against the model as
+    trained (logits on a few eval prompts) before anything appears at --out: a transformers folder (safetensors)
+    or a GGUF file with an Ollama Modelfile, plus export.json and a README.md model card.
+    """
+    from lite_ft.merge import merge
+
+    record = merge(run_dir, out, dtype=dtype, fmt=fmt, gguf_type=gguf_type)
+    check = record["verification"]["against_unquantized_base"]
+    click.echo(f"merged into {out} ({record['format']}, {record['dtype']}): max |logit diff| "
+               f"{check['max_abs_diff']:.3g} of scale {check['logit_scale']:.3g}, greedy agreement "
+               f"{100 * check['greedy_agreement']:.1f}%")
+    quantized = record["verification"].get("against_quantized_base")
+    if quantized:
+        click.echo(f"against the quantized base it was trained on: max |logit diff| {quantized['max_abs_diff']:.3g}, "
+                   f"greedy agreement {100 * quantized['greedy_agreement']:.1f}%")
+    if record.get("gguf"):
+        trip = record["gguf"]["roundtrip"]
+        click.echo(f"GGUF read back with transformers: max |logit diff| {trip['max_abs_diff']:.3g}, greedy agreement "
+                   f"{100 * trip['greedy_agreement']:.1f}%")
+    click.echo(f"peak memory {record['peak_rss_mib']:.0f} MiB (process RSS); details in {out}/export.json")
+
+
+@main.command("eval")
+@click.argument("target", type=click.Path())
+@click.argument("overrides", nargs=-1)
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="Recipe giving the task and eval data (default: a run folder's own recipe.yaml).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write metrics.json and predictions.jsonl here.")
+@_clean_errors
+def eval_command(target: str, overrides: tuple[str, ...], recipe: str | None, out: str | None) -> None:
+    """Evaluate TARGET (a model folder, a run folder or a .gguf file) on the recipe's eval data.
+
+    OVERRIDES are section.key=value pairs applied to the recipe, e.g. data.limit_eval=20.
+    """
+    from lite_ft.evaluate import evaluate, summary
+
+    metrics = evaluate(target, recipe=recipe, out=out, overrides=overrides)
+    click.echo(summary(metrics))
+    if out:
+        click.echo(f"results in {out}/ (metrics.json, predictions.jsonl)")

@@ -57,7 +57,10 @@ class DataConfig:
     labels: list[str] | None = None
     """Class names for classification, in label-index order; unset: taken from the data."""
     max_length: int = 512
-    """Tokens per example; longer ones are truncated (classification) or skipped (qa, instruction)."""
+    """Tokens per example; see overlong for longer ones."""
+    overlong: Literal["auto", "skip", "truncate"] = "auto"
+    """Examples over max_length: skip them, or truncate them (the text for classification, the response for
+    instruction; a qa answer is never cut). auto: truncate for classification, skip otherwise."""
     limit_train: int | None = None
     limit_eval: int | None = None
     system_prompt: str | None = None
@@ -97,6 +100,13 @@ class TrainConfig:
     """Batch examples of similar length together so little compute is spent on padding."""
     log_every: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every: int = 50
+    """Checkpoint every this many steps (0: only on Ctrl-C); `lite-ft run --resume` continues from the last."""
+    keep_checkpoints: int = 2
+    skip_nonfinite: int = 0
+    """Micro-batches with a non-finite loss or gradient to skip before stopping the run (0: stop at the first)."""
+    auto_batch_size: bool = False
+    """On CUDA out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch)."""
 
 
 @dataclass(frozen=True)
@@ -348,6 +358,9 @@ def _check_ranges(r: Recipe, problems: list[str]) -> None:
         ("train.warmup_ratio", r.train.warmup_ratio, 0 <= r.train.warmup_ratio < 1, "use a value in [0, 1)"),
         ("train.max_grad_norm", r.train.max_grad_norm, r.train.max_grad_norm >= 0, "use 0 (off) or more"),
         ("train.log_every", r.train.log_every, r.train.log_every >= 1, "use 1 or more"),
+        ("train.save_every", r.train.save_every, r.train.save_every >= 0, "use 0 (only on Ctrl-C) or more"),
+        ("train.keep_checkpoints", r.train.keep_checkpoints, r.train.keep_checkpoints >= 1, "use 1 or more"),
+        ("train.skip_nonfinite", r.train.skip_nonfinite, r.train.skip_nonfinite >= 0, "use 0 or more"),
         ("data.max_length", r.data.max_length, r.data.max_length >= 16, "use 16 tokens or more"),
         ("data.limit_train", r.data.limit_train, r.data.limit_train is None or r.data.limit_train >= 1,
          "use 1 or more, or leave it unset for all examples"),

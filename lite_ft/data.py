@@ -22,6 +22,14 @@ BUILTIN = {
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+@dataclass(frozen=True)
+class BadRow:
+    """A line of a data file that is not a usable JSON object; tasks count it under `reason`."""
+
+    reason: str
+    text: str
+
+
 @dataclass
 class Split:
     """Usable examples of one split (task fields only) and what was skipped, by reason."""
@@ -31,6 +39,13 @@ class Split:
     skipped: Counter = field(default_factory=Counter)
     samples: dict[str, str] = field(default_factory=dict)  # one offending row per reason, for the report
 
+    def skip_bad(self, row: Any) -> bool:
+        """Count `row` and return True if it is a BadRow (unreadable line)."""
+        if isinstance(row, BadRow):
+            self.skip(row.reason, row.text)
+            return True
+        return False
+
     def skip(self, reason: str, row: Any) -> None:
         self.skipped[reason] += 1
         self.samples.setdefault(reason, str(row)[:200])
@@ -39,8 +54,8 @@ class Split:
         return {"used": len(self.examples), "skipped": dict(self.skipped), "examples_of_skipped": self.samples}
 
 
-def load_rows(source: str, split: str, what: str) -> list[dict[str, Any] | None]:
-    """Raw rows of a builtin:NAME set, a local file, or a Hub dataset id (one split); None for a malformed line."""
+def load_rows(source: str, split: str, what: str) -> list[dict[str, Any] | BadRow]:
+    """Raw rows of a builtin:NAME set, a local file, or a Hub dataset id (one split); BadRow for unreadable lines."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN:
@@ -55,7 +70,7 @@ def load_rows(source: str, split: str, what: str) -> list[dict[str, Any] | None]
     return _load_hub(source, split, what)
 
 
-def _load_local(path: Path, what: str) -> list[dict[str, Any] | None]:
+def _load_local(path: Path, what: str) -> list[dict[str, Any] | BadRow]:
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DataError(f"{what}: {path} has an unknown format; use .jsonl, .json, .csv or .parquet")
@@ -69,19 +84,25 @@ def _load_local(path: Path, what: str) -> list[dict[str, Any] | None]:
         raise DataError(f"{what}: cannot read {path}: {exc}") from None
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict[str, Any] | None]:
+def _read_jsonl(path: Path, what: str) -> list[dict[str, Any] | BadRow]:
     import json
 
-    rows: list[dict[str, Any] | None] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    rows: list[dict[str, Any] | BadRow] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(BadRow("line not UTF-8 encoded", raw[:200].decode("utf-8", "replace")))
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                row = None
-            rows.append(row if isinstance(row, dict) else None)  # None: counted as malformed by the task
+                rows.append(BadRow("malformed JSON line", line[:200]))
+                continue
+            rows.append(row if isinstance(row, dict) else BadRow("line is not a JSON object", line[:200]))
     return rows
 
 

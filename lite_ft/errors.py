@@ -23,3 +23,17 @@ class RecipeError(LiteFTError):
 
 class DataError(LiteFTError):
     """The data cannot be used: missing file, no usable example, wrong fields."""
+
+
+class TrainingStopped(LiteFTError):
+    """Training stopped before its last step (non-finite loss, interrupt); the last good checkpoint is kept."""
+
+
+class Interrupted(TrainingStopped):
+    """Ctrl-C during training: a checkpoint was written and `--resume` continues."""
+
+    exit_code = 130
+
+
+class OutOfMemory(LiteFTError):
+    """The accelerator ran out of memory; the message says where and what would fit."""

@@ -186,8 +186,15 @@ def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtyp
                 model.config.pad_token_id = pad_token_id  # causal LMs find the last real token through it
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise LiteFTError(f"model.source: cannot load {path}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # incl. safetensors' and size-mismatch errors
+        raise LiteFTError(f"model.source: cannot load the model in {path}: {str(exc).strip()[:600]}\nThe weights "
+                          "file may be missing, cut short or corrupt, or config.json may not match the weights; "
+                          "download or convert the model again") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # not importable by name across safetensors versions
+            raise
+        raise LiteFTError(f"model.source: the weights in {path} are not a valid safetensors file ({exc}); download "
+                          "or convert the model again") from None
     if quant is None:
         model.to(device)
     return model

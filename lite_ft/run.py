@@ -11,34 +11,63 @@ import torch
 
 from lite_ft import __version__
 from lite_ft.config import Recipe, dump_recipe
-from lite_ft.data import load_splits
-from lite_ft.errors import DataError
+from lite_ft import rundir
+from lite_ft.data import Split, load_splits
+from lite_ft.errors import DataError, OutOfMemory
 from lite_ft.memory import MemoryMonitor
 from lite_ft.model import Built, build, count_params, pick_device
 from lite_ft.tasks import get_task
-from lite_ft.train import set_seed, train
+from lite_ft.train import Checkpointing, set_seed, train
 
 _SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
                "instruction": ("loss", "perplexity")}
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate as the recipe says; write metrics.json, predictions.jsonl, train_log.jsonl,
-    memory.json, recipe.yaml and the weights into output.dir. Returns the metrics."""
+    memory.json, data_report.json, recipe.yaml and the weights into output.dir. Returns the metrics.
+
+    An unfinished run of the same recipe in output.dir resumes from its last good checkpoint; a different run
+    there is refused unless `overwrite`.
+    """
     started = time.perf_counter()
     out = Path(recipe.output.dir)
+    plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(recipe.task)
-    train_split, eval_split = load_splits(recipe, task)  # before the model: bad data fails fast
+    try:
+        train_split, eval_split = load_splits(recipe, task)  # before the model: bad data fails fast
+    except DataError as exc:
+        (out / "data_report.json").write_text(json.dumps({"error": str(exc)}, indent=2), encoding="utf-8")
+        raise
+    while True:
+        try:
+            metrics = _train_and_evaluate(recipe, task, train_split, eval_split, out, plan)
+            break
+        except OutOfMemory as exc:
+            if not recipe.train.auto_batch_size or recipe.train.batch_size == 1:
+                raise
+            recipe = _halve_micro_batch(recipe, out)
+            plan = rundir.Plan(notes=plan.notes + [f"out of memory ({exc}); retrying from the start with "
+                                                   f"train.batch_size={recipe.train.batch_size} "
+                                                   f"train.grad_accum={recipe.train.grad_accum}"])
+    metrics["wall_seconds_total"] = time.perf_counter() - started
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_split: Split | None, out: Path,
+                        plan: rundir.Plan) -> dict[str, Any]:
     num_labels = task.num_labels(recipe.data, train_split, eval_split) if recipe.task == "classification" else None
     (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-
     set_seed(recipe.train.seed)  # before build: LoRA and classifier heads are initialised there
     monitor = MemoryMonitor(pick_device(recipe.train.device))
     with monitor:
         with monitor.phase("model_load"):
             built = build(recipe, num_labels=num_labels)
         encoded = _encode(task, train_split, built, recipe)
+        data_report = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
+        (out / "data_report.json").write_text(json.dumps(data_report, indent=2), encoding="utf-8")
         metrics: dict[str, Any] = {"task": recipe.task, "method": recipe.method, "model": recipe.model.source,
                                    "quantization": recipe.model.quantization}
         if recipe.eval.baseline and eval_split is not None:
@@ -47,7 +76,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                                                             recipe, built.device)
         trainable, total = count_params(built.model)
         stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id, causal=task.causal,
-                      device=built.device, monitor=monitor, log_path=out / "train_log.jsonl")
+                      device=built.device, monitor=monitor, log_path=out / "train_log.jsonl",
+                      checkpointing=Checkpointing(out / "checkpoints", recipe, resume=plan.resume))
         if eval_split is not None:
             with monitor.phase("evaluation"):
                 metrics["eval"], predictions = task.evaluate(built.model, built.tokenizer, eval_split.examples,
@@ -61,12 +91,27 @@ def run(recipe: Recipe) -> dict[str, Any]:
                  peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
                  device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
     metrics["train"] = stats
-    metrics["data"] = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
+    metrics["data"] = data_report
+    metrics["run"] = rundir.record(plan)
     metrics["versions"] = _versions()
-    metrics["wall_seconds_total"] = time.perf_counter() - started
     (out / "memory.json").write_text(json.dumps(memory, indent=2), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
+
+
+def _halve_micro_batch(recipe: Recipe, out: Path) -> Recipe:
+    """Half the micro-batch, twice the accumulation: the same effective batch in less memory. The failed
+    attempt's checkpoints (another batch shape) are removed, and the memory it held is released."""
+    import dataclasses
+    import gc
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    t = recipe.train
+    return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=t.batch_size // 2,
+                                                                 grad_accum=t.grad_accum * 2))
 
 
 def _encode(task: Any, split: Any, built: Built, recipe: Recipe) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 loaded, and the built-in sets are sound."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,8 @@ def test_qa_prepare_skips_and_counts(tmp_path: Path) -> None:
     ]
     split = prepare("qa", rows, tmp_path)
     assert split.skipped == Counter({
-        "malformed line": 2,
+        "malformed JSON line": 1,
+        "line is not a JSON object": 1,
         "missing or wrong-typed field (context, question, answers)": 3,
         "empty text": 3,
         "answer not in context": 1,
@@ -99,7 +101,7 @@ def test_classification_prepare_with_label_names(tmp_path: Path) -> None:
         "label outside the label set": 4,
         "missing or wrong-typed field (text, label)": 4,
         "empty text": 1,
-        "malformed line": 1,
+        "malformed JSON line": 1,
     })
     assert [(e["text"], e["label"]) for e in split.examples] == [
         ("great film", 1), ("dull film", 0), ("fine film", 1), ("okay film", 0), ("GLUE-style column", 0)]
@@ -142,7 +144,7 @@ def test_instruction_prepare_skips_and_counts(tmp_path: Path) -> None:
     assert split.skipped == Counter({
         "missing or wrong-typed field (instruction, output or messages)": 4,
         "empty text": 2,
-        "malformed line": 1,
+        "malformed JSON line": 1,
     })
     assert [e["response"] for e in split.examples] == ["hi", "good morning", "4"]
     assert split.examples[1]["messages"] == [{"role": "user", "content": "Translate.\n\nbonjour"}]
@@ -187,7 +189,7 @@ def test_no_usable_eval_example_fails_before_the_model(tmp_path: Path, make_doc:
 
     path = write_jsonl(tmp_path / "eval.jsonl", ["oops", "{}"])
     recipe = load_recipe(document=make_doc("qa", "lora", data={"eval": str(path)}))
-    with pytest.raises(DataError, match=r"data\.eval: no usable example .*1 malformed line"):
+    with pytest.raises(DataError, match=r"data\.eval: no usable example .*1 malformed JSON line"):
         run(recipe)
 
 
@@ -288,7 +290,9 @@ def test_builtin_sentiment_labels_are_binary_and_balanced() -> None:
 def test_jsonl_reader_keeps_line_order_and_marks_bad_lines(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"a": 1}\n\n\xff\xfe garbage\n"a string"\n{"a": 2}\n')
-    assert load_rows(str(path), "train", "data.train") == [{"a": 1}, None, None, {"a": 2}]
+    rows = load_rows(str(path), "train", "data.train")
+    assert [r if isinstance(r, dict) else r.reason for r in rows] == [
+        {"a": 1}, "line not UTF-8 encoded", "line is not a JSON object", {"a": 2}]
 
 
 # --- encoding: the loss covers the answer only ----------------------------------------------------------------------
@@ -345,3 +349,39 @@ def test_instruction_encoding_uses_the_chat_template(tiny_tokenizer: Any) -> Non
                                                          tokenize=True)["input_ids"]
     assert encoded["input_ids"][: len(expected_prompt)] == list(expected_prompt)
     assert len(expected_prompt) + len(answer) == len(encoded["input_ids"])
+
+
+def test_lines_in_another_encoding_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"text": "fine film", "label": 1})
+    path.write_bytes(good.encode() + b"\n" + json.dumps({"text": "caf\u00e9", "label": 0}, ensure_ascii=False)
+                     .encode("latin-1") + b"\n")
+    from lite_ft.data import load_rows
+    from lite_ft.tasks import get_task
+
+    recipe = load_recipe(document={"task": "classification", "method": "lora", "data": {"train": str(path)}})
+    split = get_task("classification").prepare(load_rows(str(path), "train", "data.train"), recipe.data, "train")
+    assert split.skipped == Counter({"line not UTF-8 encoded": 1})
+    assert [e["text"] for e in split.examples] == ["fine film"]
+
+
+def test_overlong_examples_are_skipped_or_truncated_as_the_recipe_says(tiny_llama_dir: Path) -> None:
+    from lite_ft.model import load_tokenizer
+    from lite_ft.tasks import get_task
+
+    example = {"id": "x", "messages": [{"role": "user", "content": "Say it."}], "response": "word " * 200}
+    base = {"task": "instruction", "method": "lora", "model": {"source": str(tiny_llama_dir)},
+            "data": {"train": "builtin:qa-train", "max_length": 64}}
+    skip = load_recipe(document=base)
+    tokenizer = load_tokenizer(str(tiny_llama_dir), skip)
+    task = get_task("instruction")
+    assert task.encode(example, tokenizer, skip) is None
+    cut = load_recipe(document=base, overrides=["data.overlong=truncate"])
+    encoded = task.encode(example, tokenizer, cut)
+    assert len(encoded["input_ids"]) == 64
+    assert encoded["labels"][-1] != -100 and encoded["labels"][0] == -100   # the prompt is kept whole
+    long_text = {"id": "y", "text": "word " * 200, "label": 1}
+    cls = get_task("classification")
+    cls_base = base | {"task": "classification"}
+    assert len(cls.encode(long_text, tokenizer, load_recipe(document=cls_base))["input_ids"]) == 64  # auto: cut
+    assert cls.encode(long_text, tokenizer, load_recipe(document=cls_base, overrides=["data.overlong=skip"])) is None

@@ -14,7 +14,7 @@ class Task(Protocol):
     causal: bool  # trained with the causal-LM loss (qa, instruction) or a classification head
     fields_hint: str  # example data.fields mapping, shown when no row is usable
 
-    def prepare(self, rows: list[dict[str, Any] | None], cfg: DataConfig, split: str) -> Split:
+    def prepare(self, rows: list[Any], cfg: DataConfig, split: str) -> Split:
         """Keep the rows the task can use, reduced to its own fields; count the others by reason."""
 
     def encode(self, example: dict[str, Any], tokenizer: Any, recipe: Recipe) -> dict[str, Any] | None:

@@ -32,11 +32,14 @@ def completion_ids(tokenizer: Any, text: str) -> list[int]:
     return list(ids) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
-def encode_pair(prompt: list[int], completion: list[int], max_length: int) -> dict[str, list[int]] | None:
-    """input_ids and labels with the loss on the completion only; None when it does not fit in max_length
-    (cutting the answer off would teach the model wrong answers)."""
+def encode_pair(prompt: list[int], completion: list[int], max_length: int, truncate: bool = False
+                ) -> dict[str, list[int]] | None:
+    """input_ids and labels with the loss on the completion only. An example over max_length is None, or with
+    `truncate` its completion is cut to fit (never the prompt: a cut prompt loses the question)."""
     if len(prompt) + len(completion) > max_length:
-        return None
+        if not truncate or len(prompt) >= max_length:
+            return None
+        completion = completion[: max_length - len(prompt)]
     return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
 
 

@@ -23,18 +23,17 @@ class ClassificationTask:
     def __init__(self) -> None:
         self.label_names: list[str] | None = None  # set from data.labels or from string labels in the data
 
-    def prepare(self, rows: list[dict[str, Any] | None], cfg: DataConfig, split: str) -> Split:
+    def prepare(self, rows: list[Any], cfg: DataConfig, split: str) -> Split:
         out = Split(split, [])
         if cfg.labels:
             self.label_names = list(cfg.labels)
         elif self.label_names is None:  # string labels without data.labels: their sorted names, fixed by train
-            found = {field_value(r, cfg, "label", "label") for r in rows if r is not None}
+            found = {field_value(r, cfg, "label", "label") for r in rows if isinstance(r, dict)}
             strings = sorted(v for v in found if isinstance(v, str) and not v.strip().lstrip("-").isdigit())
             self.label_names = strings or None
         names = self.label_names
         for i, row in enumerate(rows):
-            if row is None:
-                out.skip("malformed line", row)
+            if out.skip_bad(row):
                 continue
             text = field_value(row, cfg, "text", "text")
             if text is None and "text" not in cfg.fields:
@@ -61,7 +60,11 @@ class ClassificationTask:
         return max(2, max(seen) + 1) if seen else 2
 
     def encode(self, example: dict[str, Any], tokenizer: Any, recipe: Recipe) -> dict[str, Any] | None:
-        ids = tokenizer(example["text"], truncation=True, max_length=recipe.data.max_length)["input_ids"]
+        ids = tokenizer(example["text"])["input_ids"]
+        if len(ids) > recipe.data.max_length:
+            if recipe.data.overlong == "skip":
+                return None
+            ids = tokenizer(example["text"], truncation=True, max_length=recipe.data.max_length)["input_ids"]
         return {"input_ids": list(ids), "labels": example["label"]}
 
     @torch.no_grad()
@@ -70,7 +73,9 @@ class ClassificationTask:
         from lite_ft.batching import collate
 
         model.eval()
-        encoded = [self.encode(e, tokenizer, recipe) for e in examples]
+        # Every eval example is scored: over-long ones are truncated here whatever data.overlong says.
+        encoded = [{"input_ids": tokenizer(e["text"], truncation=True, max_length=recipe.data.max_length)["input_ids"],
+                    "labels": e["label"]} for e in examples]
         preds: list[int] = []
         size = recipe.eval.batch_size
         for start in tqdm(range(0, len(encoded), size), desc="eval (classify)", unit="batch", leave=False):

@@ -17,11 +17,10 @@ class InstructionTask:
     causal = True
     fields_hint = "data.fields: {instruction: instruction, input: input, output: output} or {messages: messages}"
 
-    def prepare(self, rows: list[dict[str, Any] | None], cfg: DataConfig, split: str) -> Split:
+    def prepare(self, rows: list[Any], cfg: DataConfig, split: str) -> Split:
         out = Split(split, [])
         for i, row in enumerate(rows):
-            if row is None:
-                out.skip("malformed line", row)
+            if out.skip_bad(row):
                 continue
             example = _from_messages(field_value(row, cfg, "messages", "messages"))
             if example is None:
@@ -45,7 +44,7 @@ class InstructionTask:
         if recipe.data.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": recipe.data.system_prompt}] + messages
         return encode_pair(prompt_ids(tokenizer, messages), completion_ids(tokenizer, example["response"]),
-                           recipe.data.max_length)
+                           recipe.data.max_length, truncate=recipe.data.overlong == "truncate")
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]], recipe: Recipe,
                  device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:

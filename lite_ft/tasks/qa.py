@@ -24,11 +24,10 @@ class QATask:
     causal = True
     fields_hint = "data.fields: {context: context, question: question, answers: answers.text}"
 
-    def prepare(self, rows: list[dict[str, Any] | None], cfg: DataConfig, split: str) -> Split:
+    def prepare(self, rows: list[Any], cfg: DataConfig, split: str) -> Split:
         out = Split(split, [])
         for i, row in enumerate(rows):
-            if row is None:
-                out.skip("malformed line", row)
+            if out.skip_bad(row):
                 continue
             context = field_value(row, cfg, "context", "context")
             question = field_value(row, cfg, "question", "question")
