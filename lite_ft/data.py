@@ -37,7 +37,7 @@ class Split:
     name: str
     examples: list[dict[str, Any]]
     skipped: Counter = field(default_factory=Counter)
-    samples: dict[str, str] = field(default_factory=dict)  # one offending row per reason, for the report
+    samples: dict[str, list[str]] = field(default_factory=dict)  # the first 3 offending rows per reason
 
     def skip_bad(self, row: Any) -> bool:
         """Count `row` and return True if it is a BadRow (unreadable line)."""
@@ -48,7 +48,9 @@ class Split:
 
     def skip(self, reason: str, row: Any) -> None:
         self.skipped[reason] += 1
-        self.samples.setdefault(reason, str(row)[:200])
+        shown = self.samples.setdefault(reason, [])
+        if len(shown) < 3:
+            shown.append(str(row)[:200])
 
     def report(self) -> dict[str, Any]:
         return {"used": len(self.examples), "skipped": dict(self.skipped), "examples_of_skipped": self.samples}

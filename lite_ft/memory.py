@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import torch
@@ -29,7 +30,7 @@ class MemoryMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="lite-ft-memory", daemon=True)
         self._thread.start()

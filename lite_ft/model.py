@@ -202,7 +202,12 @@ def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtyp
 
 def attach_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """Freeze the base and add PEFT LoRA adapters (B starts at zero, so step 0 changes nothing)."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import (
+        LoraConfig,
+        TaskType,
+        get_peft_model,
+        prepare_model_for_kbit_training,
+    )
 
     if recipe.model.quantization in ("8bit", "4bit"):
         model = prepare_model_for_kbit_training(

@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 
-from lite_ft import __version__
+from lite_ft import __version__, rundir
 from lite_ft.config import Recipe, dump_recipe
-from lite_ft import rundir
 from lite_ft.data import Split, load_splits
 from lite_ft.errors import DataError, OutOfMemory
 from lite_ft.memory import MemoryMonitor

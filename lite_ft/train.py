@@ -8,10 +8,11 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -81,7 +82,7 @@ class _StopFlag:
         self.raised = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

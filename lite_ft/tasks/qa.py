@@ -13,7 +13,13 @@ from lite_ft.config import DataConfig, Recipe
 from lite_ft.data import Split
 from lite_ft.metrics import qa_scores
 from lite_ft.tasks import field_value
-from lite_ft.tasks.causal import chat_messages, completion_ids, encode_pair, generate, prompt_ids
+from lite_ft.tasks.causal import (
+    chat_messages,
+    completion_ids,
+    encode_pair,
+    generate,
+    prompt_ids,
+)
 
 INSTRUCTION = ("Read the passage and answer the question with a short phrase copied exactly from the passage.\n\n"
                "Passage: {context}\n\nQuestion: {question}")
