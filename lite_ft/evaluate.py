@@ -1,0 +1,115 @@
+"""`lite-ft eval`: score any model on a recipe's eval data with the task's own evaluate(), and write the same
+metrics.json / predictions.jsonl a run writes.
+
+What can be evaluated: a model folder (full weights or a merged export), a .gguf file (converted once, like
+model.source), or a run folder (its base model as trained, quantized or not, plus its adapter; or its model/).
+Model folders and GGUF files load unquantized in the recipe's compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lite_ft.errors import LiteFTError
+
+
+def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | None = None,
+             out: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+             ) -> dict[str, Any]:
+    """Evaluate `target` on the eval data of `recipe` (default: a run folder's own recipe.yaml, with overrides);
+    write metrics.json and predictions.jsonl into `out` when given. Returns the metrics."""
+    from lite_ft.config import load_recipe
+    from lite_ft.data import load_splits
+    from lite_ft.model import pick_device
+    from lite_ft.run import _versions
+    from lite_ft.tasks import get_task
+
+    path = Path(target).expanduser()
+    is_run = path.is_dir() and (path / "recipe.yaml").is_file()
+    if recipe is None and not is_run:
+        raise LiteFTError(f"{target} is not a run folder: pass --recipe RECIPE to say which task and eval data to use")
+    parsed = load_recipe(recipe if recipe is not None else path / "recipe.yaml", overrides)
+    task = get_task(parsed.task)
+    train_split, eval_split = load_splits(parsed, task)
+    if eval_split is None:
+        raise LiteFTError("the recipe has no eval data: set data.eval (or data.holdout), e.g. "
+                          "data.eval=builtin:qa-eval")
+    num_labels = task.num_labels(parsed.data, train_split, eval_split) if parsed.task == "classification" else None
+    device = pick_device(parsed.train.device)
+    model, tokenizer, described = _load(path, is_run, parsed, num_labels, device)
+    scores, predictions = task.evaluate(model, tokenizer, eval_split.examples, parsed, device)
+    metrics = {"task": parsed.task, "evaluated": str(target), **described, "eval": scores,
+               "data": {"eval": eval_split.report()}, "versions": _versions()}
+    if out is not None:
+        _write(Path(out).expanduser(), metrics, predictions)
+    return metrics
+
+
+def _load(path: Path, is_run: bool, recipe: Any, num_labels: int | None, device: torch.device
+          ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model, its tokenizer, and what was loaded (for metrics.json)."""
+    from lite_ft.merge import inspect_run
+
+    if is_run:
+        run = inspect_run(path)
+        if run.recipe.task != recipe.task:
+            raise LiteFTError(f"the run was trained for task {run.recipe.task} but the recipe is for task "
+                              f"{recipe.task}; use a recipe of the same task")
+        if run.is_adapter:
+            return _run_with_adapter(run, recipe, num_labels, device)
+        path = run.weights
+    return _plain(path, recipe, num_labels, device)
+
+
+def _run_with_adapter(run: Any, recipe: Any, num_labels: int | None, device: torch.device
+                      ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The base exactly as the run trained on it (its source, quantization and dtype) plus the saved adapter."""
+    from lite_ft.merge import _attach
+    from lite_ft.model import load_base, load_tokenizer, pick_dtype
+
+    trained = run.recipe
+    dtype = pick_dtype(trained.model.dtype, device)
+    tokenizer = load_tokenizer(str(run.weights), trained)
+    base = load_base(run.base_path, trained, device, dtype, num_labels or run.num_labels, tokenizer.pad_token_id)
+    model = _attach(base, run)
+    return model, tokenizer, {"kind": "run (base + adapter)", "model": trained.model.source,
+                              "adapter": str(run.weights), "quantization": trained.model.quantization,
+                              "dtype": str(dtype).replace("torch.", "")}
+
+
+def _plain(path: Path, recipe: Any, num_labels: int | None, device: torch.device
+           ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """A model folder or .gguf file, unquantized, in the recipe's compute dtype."""
+    from lite_ft.model import load_base, load_tokenizer, pick_dtype, resolve_source
+
+    if path.suffix.lower() != ".gguf" and not path.is_dir():
+        raise LiteFTError(f"{path} is neither a model folder, a run folder nor a .gguf file")
+    source = resolve_source(str(path), recipe.model.allow_pickle)
+    plain = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, source=source, quantization="none",
+                                                                  revision=None))
+    dtype = pick_dtype(recipe.model.dtype, device)
+    tokenizer = load_tokenizer(source, plain)
+    model = load_base(source, plain, device, dtype, num_labels, tokenizer.pad_token_id)
+    kind = "gguf file" if path.suffix.lower() == ".gguf" else "model folder"
+    return model, tokenizer, {"kind": kind, "model": str(path), "quantization": "none",
+                              "dtype": str(dtype).replace("torch.", "")}
+
+
+def _write(out: Path, metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    from lite_ft.run import _write_jsonl
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _write_jsonl(out / "predictions.jsonl", predictions)
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """One line of scores for the terminal."""
+    scores = metrics["eval"]
+    shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    return f"{metrics['evaluated']} ({metrics['kind']}): {shown}"

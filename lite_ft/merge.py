@@ -1,0 +1,282 @@
+"""`lite-ft merge`: fold a run's LoRA adapter into its base model (or convert a full run's weights), check the result
+against the model as it was trained, and write an ordinary transformers folder or a GGUF file with export.json and a
+model card.
+
+Nothing appears at the output folder until every check has passed: the export is built in a hidden sibling folder
+and renamed into place at the end; on any failure that folder is removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lite_ft.errors import LiteFTError
+from lite_ft.export_record import compare_weights, logits, verification_inputs, verify, write_record
+
+DTYPES = ("float32", "float16", "bfloat16")
+FORMATS = ("safetensors", "gguf")
+CPU = torch.device("cpu")
+
+
+@dataclass
+class RunInfo:
+    """What a run folder holds, checked: its recipe, method, weights folder, resolved base and metrics."""
+
+    folder: Path
+    recipe: Any
+    weights: Path  # adapter/ (lora, qlora) or model/ (full)
+    is_adapter: bool
+    base_path: str
+    metrics: dict[str, Any]
+    num_labels: int | None
+
+
+def inspect_run(run_dir: str | os.PathLike[str]) -> RunInfo:
+    """Read and check a run folder written by `lite-ft run`; LiteFTError naming what is missing or damaged."""
+    import json
+
+    from lite_ft.config import load_recipe
+    from lite_ft.model import resolve_source
+
+    folder = Path(run_dir).expanduser()
+    if not (folder / "recipe.yaml").is_file():
+        raise LiteFTError(f"{folder} is not a run folder (no recipe.yaml); pass the output.dir of a `lite-ft run`")
+    recipe = load_recipe(folder / "recipe.yaml")
+    is_adapter = recipe.method in ("lora", "qlora")
+    weights = folder / ("adapter" if is_adapter else "model")
+    _check_weights_folder(weights, is_adapter)
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    base_path = resolve_source(recipe.model.source, recipe.model.allow_pickle) if is_adapter else str(weights)
+    return RunInfo(folder, recipe, weights, is_adapter, base_path, metrics, _num_labels(recipe, weights, metrics))
+
+
+def _check_weights_folder(weights: Path, is_adapter: bool) -> None:
+    """Every file the weights need exists and every safetensors file reads completely (a truncated copy fails)."""
+    from safetensors import safe_open
+
+    needed = ["adapter_config.json", "adapter_model.safetensors"] if is_adapter else ["config.json"]
+    missing = [n for n in needed if not (weights / n).is_file()]
+    files = sorted(weights.glob("*.safetensors")) if weights.is_dir() else []
+    if not is_adapter and not files:
+        missing.append("model.safetensors")
+    if missing:
+        raise LiteFTError(f"{weights} lacks {', '.join(missing)}; the run did not save its weights (output.save_model "
+                          "false, or it was interrupted) or files were removed. Re-run training, or restore them")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key)  # reads every byte: a truncated file fails here, not halfway through a merge
+        except Exception as exc:  # safetensors raises its own error type, OSError or ValueError
+            raise LiteFTError(f"{path} is damaged ({exc}); restore it from a copy or re-run training") from None
+
+
+def _num_labels(recipe: Any, weights: Path, metrics: dict[str, Any]) -> int | None:
+    """Classes of a classification run: from metrics.json, else data.labels, else None (the model default)."""
+    if recipe.task != "classification":
+        return None
+    if metrics.get("eval", {}).get("num_labels"):
+        return int(metrics["eval"]["num_labels"])
+    return len(recipe.data.labels) if recipe.data.labels else None
+
+
+def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "float32",
+          fmt: str = "safetensors", gguf_type: str = "f16", prompts: int = 4) -> dict[str, Any]:
+    """Merge the run's adapter into its base (full runs: convert model/), verify, export to `out`; return the
+    export record (also written to out/export.json). A previous export at `out` is replaced atomically."""
+    from lite_ft import gguf_export
+    from lite_ft.memory import MemoryMonitor
+    from lite_ft.model import load_tokenizer
+
+    _check_choices(dtype, fmt, gguf_type)
+    run = inspect_run(run_dir)
+    target = Path(out).expanduser()
+    replaced = _check_out(target, run.folder)
+    tokenizer = load_tokenizer(str(run.weights), run.recipe)
+    if fmt == "gguf":
+        gguf_export.check_supported(_config(run), tokenizer, run.recipe.task)  # before anything is written
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    monitor = MemoryMonitor(CPU)
+    before = monitor.current_mib()  # libraries already loaded: the merge's own cost is the peak minus this
+    try:
+        staging.mkdir()
+        with monitor:
+            record = _export(run, staging, tokenizer, dtype, fmt, gguf_type, prompts, monitor)
+        record.update(peak_rss_mib=round(monitor.report()["peak_mib"], 1), rss_before_mib=round(before, 1),
+                      memory_phases={k: round(v["peak_mib"], 1) for k, v in monitor.phases.items()},
+                      replaced_previous_export=replaced)
+        write_record(staging, record, run)
+        _commit(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
+
+
+def _check_choices(dtype: str, fmt: str, gguf_type: str) -> None:
+    from lite_ft.gguf_export import GGUF_TYPES
+
+    for name, value, choices in (("dtype", dtype, DTYPES), ("format", fmt, FORMATS),
+                                 ("gguf type", gguf_type, GGUF_TYPES)):
+        if value not in choices:
+            raise LiteFTError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_out(out: Path, run_folder: Path) -> bool:
+    """Refuse an output that would destroy the run or someone's files; True when it holds an export to replace."""
+    resolved, run = out.resolve(), run_folder.resolve()
+    if resolved == run or resolved in run.parents:
+        raise LiteFTError(f"--out {out} holds the run itself; choose a folder outside {run_folder}")
+    if out.is_file():
+        raise LiteFTError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "export.json").is_file():
+            raise LiteFTError(f"--out {out} already holds files that are not a lite-ft export; choose a new or empty "
+                              "folder (a previous lite-ft export there is replaced)")
+        return True
+    return False
+
+
+def _config(run: RunInfo) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.recipe.model.trust_remote_code)
+
+
+def _export(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, gguf_type: str, prompts: int,
+            monitor: Any) -> dict[str, Any]:
+    """Reference logits, merge, write, reload, compare. Returns the record without the run's own facts."""
+    from lite_ft import gguf_export
+
+    inputs, prompt_source = verification_inputs(run.recipe, tokenizer, prompts)
+    quantized = run.is_adapter and run.recipe.model.quantization in ("4bit", "8bit")
+    refs: dict[str, list[torch.Tensor]] = {}
+    if quantized:
+        with monitor.phase("quantized_reference"):
+            refs["quantized"] = logits(_load_trained(run, True, tokenizer.pad_token_id), inputs)
+        gc.collect()
+    with monitor.phase("merge"):
+        model = _load_trained(run, False, tokenizer.pad_token_id)
+        refs["unquantized"] = logits(model, inputs)
+        merged = model.merge_and_unload() if run.is_adapter else model
+        del model
+        _check_no_lora(merged)
+    check_dtype = dtype if fmt == "safetensors" else "float32"  # a GGUF is checked against the float32 merge
+    record: dict[str, Any] = {"format": fmt, "dtype": dtype if fmt == "safetensors" else gguf_type,
+                              "merge_strategy": _strategy(run, fmt, dtype, gguf_type)}
+    if fmt == "safetensors":
+        with monitor.phase("save"):
+            _save(merged.to(getattr(torch, dtype)), tokenizer, staging)
+            del merged
+            gc.collect()
+        with monitor.phase("verify"):
+            reloaded = _load_plain(staging, run)
+            got = logits(reloaded, inputs)
+            del reloaded
+        record["verification"] = verify(refs, got, check_dtype, prompt_source, len(inputs))
+        if not run.is_adapter:
+            record["verification"]["weights"] = compare_weights(run.weights, staging)
+        return record
+    got = logits(merged, inputs)
+    record["verification"] = verify(refs, got, check_dtype, prompt_source, len(inputs))  # before the slow part
+    with monitor.phase("gguf"):
+        record["gguf"] = gguf_export.write(merged, tokenizer, staging, gguf_type, run.folder.name)
+        del merged
+        gc.collect()
+        back = logits(gguf_export.load(staging), inputs)
+    record["gguf"]["roundtrip"] = gguf_export.check_roundtrip(got, back, gguf_type)
+    return record
+
+
+def _strategy(run: RunInfo, fmt: str, dtype: str, gguf_type: str) -> str:
+    target = dtype if fmt == "safetensors" else f"GGUF {gguf_type}"
+    if not run.is_adapter:
+        return f"full run: model/ loaded in float32 and written as {target}"
+    return (f"peft merge_and_unload (W + scale * B @ A) into the base loaded unquantized in float32 on the CPU, "
+            f"then written as {target}")
+
+
+def _load_trained(run: RunInfo, quantized: bool, pad_token_id: int | None) -> torch.nn.Module:
+    """The model as trained, on the CPU in float32: base (quantized as in training, or not) + adapter; or model/."""
+    from lite_ft.model import load_base
+
+    if not run.is_adapter:
+        return _load_plain(run.weights, run)
+    recipe = run.recipe
+    quant = recipe.model.quantization if quantized else "none"
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization=quant))
+    base = load_base(run.base_path, recipe, CPU, torch.float32, run.num_labels, pad_token_id)
+    return _attach(base, run)
+
+
+def _attach(base: torch.nn.Module, run: RunInfo) -> torch.nn.Module:
+    """The run's adapter on `base`; every adapter tensor must land in the model (a different base fails)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    where = f"adapter {run.weights} does not fit the base model {run.recipe.model.source}"
+    try:
+        model = PeftModel.from_pretrained(base, str(run.weights), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        raise LiteFTError(f"{where} ({first[0] if first else type(exc).__name__} ...); it was trained on another "
+                          "model: point model.source in the run's recipe.yaml at that model") from None
+    with safe_open(str(run.weights / "adapter_model.safetensors"), framework="pt") as f:
+        saved = sum(1 for k in f.keys() if "lora_" in k)
+    loaded = sum(1 for k in model.state_dict() if "lora_" in k)
+    if saved != loaded:  # e.g. a base with more or fewer layers: peft loads what matches and leaves the rest at 0
+        raise LiteFTError(f"{where}: the adapter holds {saved} LoRA tensors but the model has {loaded} LoRA slots; "
+                          "point model.source in the run's recipe.yaml at the model it was trained on")
+    return model.eval()
+
+
+def _check_no_lora(model: torch.nn.Module) -> None:
+    left = [n for n, _ in model.named_modules() if "lora_" in n]
+    if left or hasattr(model, "peft_config"):
+        raise LiteFTError(f"merging left LoRA modules in the model ({', '.join(left[:3])}); this adapter type cannot "
+                          "be merged into plain weights")
+
+
+def _load_plain(folder: Path, run: RunInfo) -> torch.nn.Module:
+    """A plain transformers folder in float32 (the check that the export needs neither lite-ft nor peft)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if run.recipe.task == "classification" else AutoModelForCausalLM
+    return cls.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True).eval()
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    """config.json, model.safetensors (shards for big models; written tensor by tensor), generation config,
+    tokenizer. A quantization note inherited from training must not make loaders expect 4-bit weights."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Move the finished export into place. A previous export is moved aside first and removed after, so `out`
+    holds either the old export or the new one, never a mixture."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
+        os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
