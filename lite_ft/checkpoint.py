@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lite_ft.catalog import sha256_file
 from lite_ft.config import Recipe
 from lite_ft.errors import LiteFTError
 
@@ -83,7 +84,7 @@ def save(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim
         state = {"step": step, "micro_batches": micro_batches, "real_tokens": real_tokens,
                  "recipe_hash": recipe_hash(recipe), "recipe": material(recipe)}
         (staging / "state.json").write_text(json.dumps(state, indent=2))
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         _write_synced(staging / MANIFEST, json.dumps(files, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -116,7 +117,7 @@ def verify(path: Path) -> str | None:
         target = path / name
         if not target.is_file():
             return f"{name} is missing"
-        if _sha256(target) != digest:
+        if sha256_file(target) != digest:
             return f"{name} does not match its checksum (truncated or damaged)"
     return None
 
@@ -165,13 +166,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_synced(path: Path, text: str) -> None:

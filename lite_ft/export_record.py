@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lite_ft.catalog import sha256_file
 from lite_ft.errors import LiteFTError
 
 # Pass/fail bound on max |logit difference| between the export and the model as trained, as a fraction of the
@@ -119,13 +120,6 @@ def compare_weights(source: Path, export: Path) -> dict[str, Any]:
                           f"{worst:.3g}); nothing was written")
     return {"tensors": count, "bit_identical": same, "max_abs_diff": worst}
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_weights(folder: str | Path) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from lite_ft.cli import main
 from lite_ft.config import load_recipe
 from lite_ft.errors import LiteFTError
 from lite_ft.evaluate import evaluate
-from lite_ft.export_record import TOLERANCE, sha256_file
+from lite_ft.catalog import sha256_file
+from lite_ft.export_record import TOLERANCE
 from lite_ft.gguf_export import TOLERANCE as GGUF_TOLERANCE
 from lite_ft.gguf_export import permute
 from lite_ft.merge import merge
