@@ -43,6 +43,12 @@ def prepare(out: Path, recipe: Recipe, resume: bool = False, overwrite: bool = F
         if resume:
             raise LiteFTError(f"--resume: {out} holds no run to resume; run without --resume to start one")
         return Plan()
+    results = [n for n in ("metrics.json", "adapter", "model") if (out / n).exists()]
+    if not results and not checkpoint.complete(out / "checkpoints"):
+        # An attempt that stopped before its first checkpoint (bad data, a crash while loading) has nothing to keep.
+        if resume:
+            raise LiteFTError(f"--resume: {out} holds no checkpoint to resume from; run without --resume")
+        return Plan(notes=[f"an earlier attempt left no checkpoint or results ({', '.join(held)}): starting afresh"])
     saved = _saved_recipe(out)
     if saved is None:
         raise LiteFTError(f"output.dir {out} holds files of another run ({', '.join(held)}) but no readable "

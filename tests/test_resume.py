@@ -238,3 +238,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(make_doc: Callable[..., d
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["resumed_from"] == str(saved[0]) and metrics["train"]["steps"] == 40
+
+
+def test_attempt_that_failed_before_its_first_checkpoint_does_not_block_the_next(
+        make_doc: Callable[..., dict[str, Any]], write_recipe: Callable[..., Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    doc = resumable_doc(make_doc, steps=2)
+    runner = CliRunner()
+    failed = runner.invoke(main, ["run", str(write_recipe(doc)), "data.train=" + str(bad)])
+    assert failed.exit_code == 1 and "no usable example" in failed.output
+    assert (Path(doc["output"]["dir"]) / "data_report.json").exists()
+    fixed = runner.invoke(main, ["run", str(write_recipe(doc))])  # the data fixed: the same output.dir is fine
+    assert fixed.exit_code == 0, fixed.output
+    assert runner.invoke(main, ["run", str(write_recipe(doc)), "--resume"]).exit_code == 1  # finished: no resume
