@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lite_ft.catalog import sha256_file
-from lite_ft.config import Recipe
+from lite_ft.config import SECTIONS, Recipe
 from lite_ft.errors import LiteFTError
 
 MANIFEST = "manifest.json"
@@ -33,16 +33,21 @@ MATERIAL = ("task", "method", "model.source", "model.quantization", "model.dtype
             "train.seed", "train.optimizer", "train.group_by_length")
 
 
+def flatten(recipe: Recipe) -> dict[str, Any]:
+    """Every recipe key as a flat {dotted key: value} mapping (`lora.r`, `data.fields`, ...)."""
+    flat: dict[str, Any] = {}
+    for key, value in recipe.to_dict().items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def material(recipe: Recipe) -> dict[str, Any]:
     """The recipe's result-relevant keys as a flat {dotted key: value} mapping."""
-    flat = recipe.to_dict()
-    out = {}
-    for key in MATERIAL:
-        value: Any = flat
-        for part in key.split("."):
-            value = value[part]
-        out[key] = value
-    return out
+    flat = flatten(recipe)
+    return {key: flat[key] for key in MATERIAL}
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -1,8 +1,11 @@
 """`lite-ft run`: data -> model -> (baseline eval) -> train -> eval -> save, all recorded in the run folder."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -100,10 +103,6 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
 def _halve_micro_batch(recipe: Recipe, out: Path) -> Recipe:
     """Half the micro-batch, twice the accumulation: the same effective batch in less memory. The failed
     attempt's checkpoints (another batch shape) are removed, and the memory it held is released."""
-    import dataclasses
-    import gc
-    import shutil
-
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     gc.collect()
     if torch.cuda.is_available():

@@ -83,19 +83,9 @@ def _saved_recipe(out: Path) -> Recipe | None:
 
 def _harmless(saved: Recipe, recipe: Recipe) -> list[str]:
     """Changed keys that do not alter the result (logging interval, eval batch, ...), as `key: old -> new`."""
-    old, new = _flatten(saved.to_dict()), _flatten(recipe.to_dict())
+    old, new = checkpoint.flatten(saved), checkpoint.flatten(recipe)
     return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new)
             if k not in checkpoint.MATERIAL and old.get(k) != new[k]]
-
-
-def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in doc.items():
-        if isinstance(value, dict) and key in ("model", "data", "lora", "train", "eval", "output"):
-            flat.update(_flatten(value, f"{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def record(plan: Plan) -> dict[str, Any]:
