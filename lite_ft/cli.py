@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -146,3 +147,44 @@ def eval_command(target: str, overrides: tuple[str, ...], recipe: str | None, ou
     click.echo(summary(metrics))
     if out:
         click.echo(f"results in {out}/ (metrics.json, predictions.jsonl)")
+
+
+def _columns_help() -> str:
+    from lite_ft.bench_report import COLUMNS
+
+    return "\b\nColumns of bench.csv / bench.md:\n" + "\n".join(f"  {k:26} {v}" for k, v in COLUMNS.items())
+
+
+@main.command("bench", epilog=_columns_help())
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--methods", default="full,lora,qlora", show_default=True,
+              help="Comma-separated: full, lora, qlora, lora-8bit.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Optimizer steps per method.")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate on at most this many examples.")
+@click.option("--out", default="runs/bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for bench.json/.csv/.md, the plots, and each method's run folder.")
+@click.option("--set", "method_overrides", multiple=True, metavar="METHOD:KEY=VALUE",
+              help="An override for one method only, e.g. --set qlora:train.batch_size=4.")
+@click.option("--full-lr", type=float, default=None,
+              help="Learning rate of full fine-tuning (default: the recipe's train.lr / 10 for a LoRA recipe).")
+@_clean_errors
+def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: int, eval_limit: int | None,
+                  out: str, method_overrides: tuple[str, ...], full_lr: float | None) -> None:
+    """Train RECIPE with each method on the same data, seed and batch shape, each in its own process, and compare
+    memory (what the peak is made of), speed, loss and task scores side by side.
+
+    OVERRIDES are section.key=value pairs applied to every method. A method that fails (out of memory, say) is
+    reported and the others go on. Writes bench.json (with the machine), bench.csv, bench.md, bench_memory.png
+    and bench_tradeoff.png into --out.
+    """
+    from lite_ft.bench import bench, plan
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    record = bench(plan(recipe, names, steps, eval_limit, out, overrides, method_overrides, full_lr))
+    click.echo((Path(out) / "bench.md").read_text(encoding="utf-8"))
+    failed = [r["method"] for r in record["methods"] if r["status"] != "ok"]
+    click.echo(f"results in {out}/ (bench.json, bench.csv, bench.md, bench_memory.png, bench_tradeoff.png)")
+    if failed:
+        click.echo(f"failed: {', '.join(failed)} (see the logs in {out}/logs/)", err=True)
+        sys.exit(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import types
@@ -283,6 +284,9 @@ def _check_combinations(r: Recipe, problems: list[str]) -> None:
             problems.append(f"method {r.method} / model.quantization {q} / train.optimizer {r.train.optimizer} need "
                             f"bitsandbytes, which does not import here ({exc}); pip install bitsandbytes, or use "
                             "method lora with model.quantization none and train.optimizer adamw")
+    if r.model.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attention: 'flash_attention_2' needs the flash-attn package (CUDA GPUs only), which is "
+                        "not installed; pip install flash-attn, or use sdpa (PyTorch's fused attention)")
     for key in ("train", "eval"):
         path = getattr(r.data, key)
         if path and _looks_like_file(path) and not _exists(path):

@@ -26,8 +26,8 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
     from lite_ft.config import load_recipe
     from lite_ft.data import load_splits
     from lite_ft.model import pick_device
-    from lite_ft.run import _versions
-    from lite_ft.tasks import get_task
+    from lite_ft.run import versions
+    from lite_ft.tasks import evaluate_timed, get_task
 
     path = Path(target).expanduser()
     is_run = path.is_dir() and (path / "recipe.yaml").is_file()
@@ -42,9 +42,9 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
     num_labels = task.num_labels(parsed.data, train_split, eval_split) if parsed.task == "classification" else None
     device = pick_device(parsed.train.device)
     model, tokenizer, described = _load(path, is_run, parsed, num_labels, device)
-    scores, predictions = task.evaluate(model, tokenizer, eval_split.examples, parsed, device)
+    scores, predictions = evaluate_timed(task, model, tokenizer, eval_split.examples, parsed, device)
     metrics = {"task": parsed.task, "evaluated": str(target), **described, "eval": scores,
-               "data": {"eval": eval_split.report()}, "versions": _versions()}
+               "data": {"eval": eval_split.report()}, "versions": versions()}
     if out is not None:
         _write(Path(out).expanduser(), metrics, predictions)
     return metrics

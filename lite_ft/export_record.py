@@ -135,7 +135,7 @@ def sha256_weights(folder: str | Path) -> dict[str, Any]:
 
 def write_record(folder: Path, record: dict[str, Any], run: Any) -> dict[str, Any]:
     """Complete `record` with the run's facts and write export.json and README.md into `folder`."""
-    from lite_ft.run import _versions
+    from lite_ft.run import versions
 
     recipe = run.recipe
     base_path = run.base_path if run.is_adapter else _local_source(recipe)
@@ -145,7 +145,7 @@ def write_record(folder: Path, record: dict[str, Any], run: Any) -> dict[str, An
         base_model={"source": recipe.model.source, "resolved": base_path, **sha256_weights(base_path or "")},
         adapter={"path": str(run.weights.resolve()),
                  "sha256": sha256_file(run.weights / "adapter_model.safetensors")} if run.is_adapter else None,
-        run_metrics=run.metrics, versions=_versions())
+        run_metrics=run.metrics, versions=versions())
     record["files"] = sorted({p.name for p in folder.iterdir()} | {"export.json", "README.md"})
     if not run.is_adapter:
         record["full_weights"] = {"path": str(run.weights.resolve()), **sha256_weights(run.weights)}

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from lite_ft.export_record import compare_weights, logits, verification_inputs, 
 
 DTYPES = ("float32", "float16", "bfloat16")
 FORMATS = ("safetensors", "gguf")
+STRATEGIES = ("streaming", "in-memory")
 CPU = torch.device("cpu")
 
 
@@ -90,14 +92,19 @@ def _num_labels(recipe: Any, weights: Path, metrics: dict[str, Any]) -> int | No
 
 
 def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: str = "float32",
-          fmt: str = "safetensors", gguf_type: str = "f16", prompts: int = 4) -> dict[str, Any]:
+          fmt: str = "safetensors", gguf_type: str = "f16", prompts: int = 4,
+          strategy: str = "streaming") -> dict[str, Any]:
     """Merge the run's adapter into its base (full runs: convert model/), verify, export to `out`; return the
-    export record (also written to out/export.json). A previous export at `out` is replaced atomically."""
+    export record (also written to out/export.json). A previous export at `out` is replaced atomically.
+
+    strategy "streaming" (LoRA/QLoRA runs exported as safetensors) merges tensor by tensor from the base's files,
+    falling back to the in-memory peft merge, with the reason recorded, for adapters it does not handle;
+    "in-memory" always loads the whole base and merges with peft."""
     from lite_ft import gguf_export
     from lite_ft.memory import MemoryMonitor
     from lite_ft.model import load_tokenizer
 
-    _check_choices(dtype, fmt, gguf_type)
+    _check_choices(dtype, fmt, gguf_type, strategy)
     run = inspect_run(run_dir)
     target = Path(out).expanduser()
     replaced = _check_out(target, run.folder)
@@ -112,9 +119,13 @@ def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: s
     try:
         staging.mkdir()
         with monitor:
-            record = _export(run, staging, tokenizer, dtype, fmt, gguf_type, prompts, monitor)
+            record = _export(run, staging, tokenizer, dtype, fmt, gguf_type, prompts, monitor, strategy)
+        phases = {k: round(v["peak_mib"], 1) for k, v in monitor.phases.items()}
+        # The merge step alone (in memory: loading, merging and saving); the whole peak includes verification,
+        # which loads the adapter model and the export, one after the other.
+        merge_peak = max((phases[p] for p in ("merge", "save") if p in phases), default=None)
         record.update(peak_rss_mib=round(monitor.report()["peak_mib"], 1), rss_before_mib=round(before, 1),
-                      memory_phases={k: round(v["peak_mib"], 1) for k, v in monitor.phases.items()},
+                      merge_peak_rss_mib=merge_peak, memory_phases=phases,
                       replaced_previous_export=replaced)
         write_record(staging, record, run)
         _commit(staging, target)
@@ -124,11 +135,11 @@ def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: s
     return record
 
 
-def _check_choices(dtype: str, fmt: str, gguf_type: str) -> None:
+def _check_choices(dtype: str, fmt: str, gguf_type: str, strategy: str) -> None:
     from lite_ft.gguf_export import GGUF_TYPES
 
     for name, value, choices in (("dtype", dtype, DTYPES), ("format", fmt, FORMATS),
-                                 ("gguf type", gguf_type, GGUF_TYPES)):
+                                 ("gguf type", gguf_type, GGUF_TYPES), ("strategy", strategy, STRATEGIES)):
         if value not in choices:
             raise LiteFTError(f"{name} {value!r} is not one of {', '.join(choices)}")
 
@@ -155,20 +166,84 @@ def _config(run: RunInfo) -> Any:
 
 
 def _export(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, gguf_type: str, prompts: int,
-            monitor: Any) -> dict[str, Any]:
+            monitor: Any, strategy: str) -> dict[str, Any]:
     """Reference logits, merge, write, reload, compare. Returns the record without the run's own facts."""
+    inputs = verification_inputs(run.recipe, tokenizer, prompts)
+    plan, why = _streaming_plan(run, fmt, strategy)
+    if plan is not None:
+        return _export_streaming(run, plan, staging, tokenizer, dtype, inputs, monitor)
+    refs = _quantized_reference(run, tokenizer, inputs[0], monitor)
+    record = _export_in_memory(run, staging, tokenizer, dtype, fmt, gguf_type, inputs, refs, monitor)
+    if why:
+        record["merge_strategy"] += f"; not streamed: {why}"
+    return record
+
+
+def _quantized_reference(run: RunInfo, tokenizer: Any, ids: list[list[int]], monitor: Any
+                         ) -> dict[str, list[torch.Tensor]]:
+    """Logits of the adapter on the 4/8-bit base it was trained with (QLoRA, LoRA on 8-bit); {} otherwise."""
+    if not (run.is_adapter and run.recipe.model.quantization in ("4bit", "8bit")):
+        return {}
+    with monitor.phase("quantized_reference"):
+        refs = {"quantized": logits(_load_trained(run, True, tokenizer.pad_token_id), ids)}
+    gc.collect()
+    return refs
+
+
+def _streaming_plan(run: RunInfo, fmt: str, strategy: str) -> tuple[Any, str | None]:
+    """The streaming plan for a LoRA/QLoRA run exported as safetensors, or None and why not (None when streaming
+    does not apply at all: full runs, GGUF). A fallback is announced: it needs about twice the model's memory."""
+    from lite_ft import streaming_merge
+
+    if not run.is_adapter or fmt != "safetensors":
+        return None, None
+    if strategy == "in-memory":
+        return None, "the in-memory merge was requested"
+    try:
+        return streaming_merge.make_plan(run.base_path, run.weights, run.recipe.model.revision), None
+    except streaming_merge.StreamingUnsupported as exc:
+        print(f"lite-ft: merging in memory (about twice the model's size), not tensor by tensor: {exc}",
+              file=sys.stderr, flush=True)
+        return None, str(exc)
+
+
+def _export_streaming(run: RunInfo, plan: Any, staging: Path, tokenizer: Any, dtype: str,
+                      inputs: tuple[list[list[int]], str], monitor: Any) -> dict[str, Any]:
+    """Merge file to file (the `merge` phase holds about one tensor), then verify: the adapter on its quantized
+    base if it was trained so, the adapter on its base and the export are loaded one after the other."""
+    from lite_ft import streaming_merge
+
+    ids, prompt_source = inputs
+    with monitor.phase("merge"):  # first, before any model has been loaded: nothing else inflates its peak
+        written = streaming_merge.write(plan, staging, dtype)
+        streaming_merge.copy_config(plan, staging, dtype)
+        tokenizer.save_pretrained(staging)
+    refs = _quantized_reference(run, tokenizer, ids, monitor)
+    with monitor.phase("verify"):
+        trained = _load_trained(run, False, tokenizer.pad_token_id)
+        refs["unquantized"] = logits(trained, ids)
+        del trained
+        gc.collect()
+        reloaded = _load_plain(staging, run)
+        got = logits(reloaded, ids)
+        del reloaded
+    strategy = (f"streaming LoRA merge: the base's safetensors read tensor by tensor, W + scale * B @ A in float32 "
+                f"for {written['merged_weights']} of {written['tensors']} tensors, written as {dtype} into "
+                f"{len(written['files'])} file(s); the merge holds about one tensor, not the model")
+    return {"format": "safetensors", "dtype": dtype, "merge_strategy": strategy, "streaming_merge": written,
+            "verification": verify(refs, got, dtype, prompt_source, len(ids))}
+
+
+def _export_in_memory(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, gguf_type: str,
+                      inputs: tuple[list[list[int]], str], refs: dict[str, list[torch.Tensor]],
+                      monitor: Any) -> dict[str, Any]:
+    """The whole base in float32 with peft's merge_and_unload (and every full run and GGUF export)."""
     from lite_ft import gguf_export
 
-    inputs, prompt_source = verification_inputs(run.recipe, tokenizer, prompts)
-    quantized = run.is_adapter and run.recipe.model.quantization in ("4bit", "8bit")
-    refs: dict[str, list[torch.Tensor]] = {}
-    if quantized:
-        with monitor.phase("quantized_reference"):
-            refs["quantized"] = logits(_load_trained(run, True, tokenizer.pad_token_id), inputs)
-        gc.collect()
+    ids, prompt_source = inputs
     with monitor.phase("merge"):
         model = _load_trained(run, False, tokenizer.pad_token_id)
-        refs["unquantized"] = logits(model, inputs)
+        refs["unquantized"] = logits(model, ids)
         merged = model.merge_and_unload() if run.is_adapter else model
         del model
         _check_no_lora(merged)
@@ -182,19 +257,19 @@ def _export(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, g
             gc.collect()
         with monitor.phase("verify"):
             reloaded = _load_plain(staging, run)
-            got = logits(reloaded, inputs)
+            got = logits(reloaded, ids)
             del reloaded
-        record["verification"] = verify(refs, got, check_dtype, prompt_source, len(inputs))
+        record["verification"] = verify(refs, got, check_dtype, prompt_source, len(ids))
         if not run.is_adapter:
             record["verification"]["weights"] = compare_weights(run.weights, staging)
         return record
-    got = logits(merged, inputs)
-    record["verification"] = verify(refs, got, check_dtype, prompt_source, len(inputs))  # before the slow part
+    got = logits(merged, ids)
+    record["verification"] = verify(refs, got, check_dtype, prompt_source, len(ids))  # before the slow part
     with monitor.phase("gguf"):
         record["gguf"] = gguf_export.write(merged, tokenizer, staging, gguf_type, run.folder.name)
         del merged
         gc.collect()
-        back = logits(gguf_export.load(staging), inputs)
+        back = logits(gguf_export.load(staging), ids)
     record["gguf"]["roundtrip"] = gguf_export.check_roundtrip(got, back, gguf_type)
     return record
 

@@ -176,6 +176,8 @@ def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtyp
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=recipe.model.revision,
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   use_safetensors=None if recipe.model.allow_pickle else True)
+    if recipe.model.attention != "auto":
+        kwargs["attn_implementation"] = recipe.model.attention
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}

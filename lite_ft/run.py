@@ -16,12 +16,12 @@ from lite_ft import __version__, rundir
 from lite_ft.config import Recipe, dump_recipe
 from lite_ft.data import Split, load_splits
 from lite_ft.errors import DataError, OutOfMemory
-from lite_ft.memory import MemoryMonitor
+from lite_ft.memory import MemoryMonitor, describe_breakdown, return_freed_memory
 from lite_ft.model import Built, build, count_params, pick_device
-from lite_ft.tasks import get_task
+from lite_ft.tasks import evaluate_timed, get_task
 from lite_ft.train import Checkpointing, set_seed, train
 
-_SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
+SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
                "instruction": ("loss", "perplexity")}
 
 
@@ -33,6 +33,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     there is refused unless `overwrite`.
     """
     started = time.perf_counter()
+    allocator = "glibc default"
+    if recipe.train.release_memory and pick_device(recipe.train.device).type == "cpu":
+        allocator = return_freed_memory()  # before the model and data take memory
     out = Path(recipe.output.dir)
     plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +56,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
             plan = rundir.Plan(notes=plan.notes + [f"out of memory ({exc}); retrying from the start with "
                                                    f"train.batch_size={recipe.train.batch_size} "
                                                    f"train.grad_accum={recipe.train.grad_accum}"])
+    metrics["train"]["allocator"] = allocator
     metrics["wall_seconds_total"] = time.perf_counter() - started
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
@@ -63,7 +67,8 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
     num_labels = task.num_labels(recipe.data, train_split, eval_split) if recipe.task == "classification" else None
     (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     set_seed(recipe.train.seed)  # before build: LoRA and classifier heads are initialised there
-    monitor = MemoryMonitor(pick_device(recipe.train.device))
+    snapshot = out / "memory_snapshot.pickle" if recipe.train.memory_snapshot else None
+    monitor = MemoryMonitor(pick_device(recipe.train.device), snapshot=snapshot)
     with monitor:
         with monitor.phase("model_load"):
             built = build(recipe, num_labels=num_labels)
@@ -82,8 +87,8 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
                       checkpointing=Checkpointing(out / "checkpoints", recipe, resume=plan.resume))
         if eval_split is not None:
             with monitor.phase("evaluation"):
-                metrics["eval"], predictions = task.evaluate(built.model, built.tokenizer, eval_split.examples,
-                                                             recipe, built.device)
+                metrics["eval"], predictions = evaluate_timed(task, built.model, built.tokenizer,
+                                                              eval_split.examples, recipe, built.device)
             _write_jsonl(out / "predictions.jsonl", predictions)
         if recipe.output.save_model:
             with monitor.phase("save"):
@@ -91,11 +96,12 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
     memory = monitor.report()
     stats.update(trainable_params=trainable, total_params=total, peak_memory_mib=memory["peak_mib"],
                  peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
+                 memory_breakdown=memory["breakdown"],
                  device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
     metrics["train"] = stats
     metrics["data"] = data_report
     metrics["run"] = rundir.record(plan)
-    metrics["versions"] = _versions()
+    metrics["versions"] = versions()
     (out / "memory.json").write_text(json.dumps(memory, indent=2), encoding="utf-8")
     return metrics
 
@@ -147,7 +153,8 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of lite-ft and the libraries whose behaviour the figures depend on."""
     import importlib.metadata as md
 
     names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
@@ -162,7 +169,7 @@ def _versions() -> dict[str, str]:
 
 def summary(metrics: dict[str, Any]) -> str:
     """A small before/after table of the task scores and the training figures, for the terminal."""
-    keys = _SCORE_KEYS[metrics["task"]]
+    keys = SCORE_KEYS[metrics["task"]]
     rows = [("", *keys)]
     if "baseline_eval" in metrics:
         rows.append(("before training", *(f"{metrics['baseline_eval'][k]:.2f}" for k in keys)))
@@ -176,8 +183,11 @@ def summary(metrics: dict[str, Any]) -> str:
                  f"peak memory {t['peak_memory_mib']:.0f} MiB ({t['peak_memory_phase']}), "
                  f"{t['trainable_params']:,} of {t['total_params']:,} parameters trained"
                  + (f", {n} eval examples" if n else ""))
+    if t.get("memory_breakdown"):
+        lines.append(describe_breakdown(t["memory_breakdown"]))
     for name, report in metrics["data"].items():
         if report and report["skipped"]:
             reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped"].items())
             lines.append(f"data.{name}: {report['used']} examples used, skipped: {reasons}")
     return "\n".join(lines)
+

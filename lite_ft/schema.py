@@ -21,6 +21,9 @@ class ModelConfig:
     """Base weights: none, 8bit or 4bit (NF4 + double quant). Unset: 4bit for qlora, none otherwise."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype. auto: bf16 on GPUs that support it, fp32 on CPUs (bf16 is ~400x slower on CPUs without it)."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. auto: PyTorch's fused SDPA where the model supports it (on these CPUs about 7x faster and
+    ~9x less memory than eager attention at 384 tokens); flash_attention_2 needs the flash-attn package and a GPU."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for Hub ids."""
     trust_remote_code: bool = False
@@ -94,6 +97,11 @@ class TrainConfig:
     """Micro-batches with a non-finite loss or gradient to skip before stopping the run (0: stop at the first)."""
     auto_batch_size: bool = False
     """On CUDA out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch)."""
+    release_memory: bool = False
+    """CPU (Linux): hand freed activation memory back to the OS at once instead of keeping it in glibc's heap.
+    Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""
+    memory_snapshot: bool = False
+    """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
                             bad += 1
                             _check_bad(bad, cfg, step, f"the gradient norm is {norm.item()}", checkpointing)
                         scheduler.step()
+                        if first:  # gradients and optimizer state all exist now: measure what they hold
+                            monitor.record_tensors(model, optimizer)
                         optimizer.zero_grad(set_to_none=True)
                 done = step
                 window_loss += step_loss

@@ -1,6 +1,7 @@
 """Small helpers shared by the unit and integration tests (plain functions, imported as `helpers`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -57,8 +58,10 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 
 def train_steps(model: torch.nn.Module, tokenizer: Any, recipe: Any, task_name: str | None = None,
-                log_path: Path | None = None) -> tuple[dict[str, Any], list[float]]:
-    """Load the recipe's data, encode it, run lite_ft.train.train; return its stats and the per-log-step losses."""
+                log_path: Path | None = None, monitor: Any = None) -> tuple[dict[str, Any], list[float]]:
+    """Load the recipe's data, encode it, run lite_ft.train.train; return its stats and the per-log-step losses.
+
+    `monitor`: a MemoryMonitor the caller has entered; by default a fresh one."""
     from lite_ft.data import load_splits
     from lite_ft.memory import MemoryMonitor
     from lite_ft.tasks import get_task
@@ -69,8 +72,9 @@ def train_steps(model: torch.nn.Module, tokenizer: Any, recipe: Any, task_name: 
     encoded = [e for e in (task.encode(x, tokenizer, recipe) for x in split.examples) if e is not None]
     assert encoded, "no example fits in data.max_length"
     device = next(model.parameters()).device
-    monitor = MemoryMonitor(device)
-    with monitor:
+    own = monitor is None
+    monitor = monitor or MemoryMonitor(device)
+    with monitor if own else contextlib.nullcontext():
         stats = train(model, encoded, recipe.train, pad_id=tokenizer.pad_token_id, causal=task.causal,
                       device=device, monitor=monitor, log_path=log_path)
     losses = []

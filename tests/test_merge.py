@@ -154,11 +154,59 @@ def test_export_json_and_model_card_state_the_provenance(runs: dict[str, Path], 
     assert record["adapter"]["sha256"] == adapter_sha
     assert record["base_model"]["files"] == {"model.safetensors": sha256_file(tiny_llama_dir / "model.safetensors")}
     assert (record["method"], record["dtype"], record["format"]) == ("lora", "float32", "safetensors")
-    assert "merge_and_unload" in record["merge_strategy"]
+    strategy = record["merge_strategy"]
+    assert strategy.startswith("streaming LoRA merge") and "not streamed" not in strategy
+    written = record["streaming_merge"]
+    assert written["merged_weights"] == 14 and written["files"] == ["model.safetensors"]  # 7 linear x 2 layers
+    assert 0 < record["merge_peak_rss_mib"] == record["memory_phases"]["merge"] <= record["peak_rss_mib"]
     assert record["run_metrics"] == json.loads((runs["lora"] / "metrics.json").read_text())
     card = (tmp_path / "out" / "README.md").read_text()
     assert adapter_sha in card and record["base_model"]["sha256"] in card and "passed" in card
     assert f"{record['verification']['against_unquantized_base']['max_abs_diff']:.3g}" in card
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_streaming_export_equals_the_in_memory_peft_merge(runs: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    streamed = merge(runs[kind], tmp_path / "streamed")
+    in_memory = merge(runs[kind], tmp_path / "in-memory", strategy="in-memory")
+    assert streamed["merge_strategy"].startswith("streaming LoRA merge")
+    assert "merge_and_unload" in in_memory["merge_strategy"] and "in-memory merge was requested" in \
+        in_memory["merge_strategy"]
+    got, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("streamed", "in-memory"))
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0)
+    base = load_file(Path(in_memory["base_model"]["resolved"]) / "model.safetensors")
+    assert sum(not torch.equal(got[k], base[k]) for k in got) == streamed["streaming_merge"]["merged_weights"] == 14
+    assert streamed["verification"]["passed"] and streamed["verification"]["against_unquantized_base"][
+        "max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text())["dtype"] == "float32"
+    assert "quantization_config" not in json.loads((tmp_path / "streamed" / "config.json").read_text())
+
+
+def test_tied_run_streams_one_embedding_matrix(runs: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    record = merge(runs["tied"], tmp_path / "out", dtype="bfloat16")
+    assert record["merge_strategy"].startswith("streaming LoRA merge") and record["verification"]["passed"]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    ids = ids_of(AutoTokenizer.from_pretrained(tmp_path / "out"))
+    merged, model = plain_logits(tmp_path / "out", ids)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    reference = adapter_logits(runs["tied"], ids)
+    assert (merged - reference).abs().max() <= TOLERANCE["bfloat16"] * reference.abs().max()
+
+
+def test_a_fallback_to_the_in_memory_merge_is_recorded(runs: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    record = merge(runs["cls"], tmp_path / "out")  # peft saves the new classification head: modules_to_save
+    assert "merge_and_unload" in record["merge_strategy"]
+    assert "not streamed: adapter_config.json uses modules_to_save" in record["merge_strategy"]
+    assert "merging in memory" in capsys.readouterr().err and "streaming_merge" not in record
+    export = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert export["merge_strategy"] == record["merge_strategy"] and record["verification"]["passed"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -305,20 +353,26 @@ def test_full_run_is_converted_and_checked_tensor_by_tensor(runs: dict[str, Path
     assert not weights["bit_identical"] and 0 < weights["max_abs_diff"] < 1e-2 and weights["tensors"] > 10
 
 
+def scores(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An eval record without its timing, which differs run to run."""
+    assert evaluation["seconds"] > 0 and evaluation["examples_per_second"] > 0
+    return {k: v for k, v in evaluation.items() if k not in ("seconds", "examples_per_second")}
+
+
 def test_eval_of_the_merged_folder_reproduces_the_run(runs: dict[str, Path], tmp_path: Path) -> None:
     merge(runs["lora"], tmp_path / "merged")
     recipe = runs["lora"] / "recipe.yaml"
-    expected = json.loads((runs["lora"] / "metrics.json").read_text())["eval"]
+    expected = scores(json.loads((runs["lora"] / "metrics.json").read_text())["eval"])
     metrics = evaluate(tmp_path / "merged", recipe=recipe, out=tmp_path / "eval")
-    assert metrics["eval"] == expected and metrics["kind"] == "model folder"
+    assert scores(metrics["eval"]) == expected and metrics["kind"] == "model folder"
     assert read_jsonl(tmp_path / "eval" / "predictions.jsonl") == read_jsonl(runs["lora"] / "predictions.jsonl")
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval"] == expected
-    assert evaluate(runs["lora"])["eval"] == expected  # the run folder itself: base + adapter
+    assert scores(json.loads((tmp_path / "eval" / "metrics.json").read_text())["eval"]) == expected
+    assert scores(evaluate(runs["lora"])["eval"]) == expected  # the run folder itself: base + adapter
 
 
 def test_eval_of_quantized_run_and_classification_merge(runs: dict[str, Path], tmp_path: Path) -> None:
-    expected = json.loads((runs["qlora"] / "metrics.json").read_text())["eval"]
-    assert evaluate(runs["qlora"])["eval"] == expected  # loads the 4-bit base as trained
+    expected = scores(json.loads((runs["qlora"] / "metrics.json").read_text())["eval"])
+    assert scores(evaluate(runs["qlora"])["eval"]) == expected  # loads the 4-bit base as trained
     merge(runs["cls"], tmp_path / "cls")
     cls_expected = json.loads((runs["cls"] / "metrics.json").read_text())["eval"]
     metrics = evaluate(tmp_path / "cls", recipe=runs["cls"] / "recipe.yaml")

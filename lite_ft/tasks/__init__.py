@@ -1,6 +1,7 @@
 """Tasks: how raw rows become training examples, and how a model is scored. One module per task."""
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import torch
@@ -38,3 +39,13 @@ def field_value(row: dict[str, Any], cfg: DataConfig, name: str, default: str) -
     from lite_ft.data import get_path
 
     return get_path(row, cfg.fields.get(name, default))
+
+
+def evaluate_timed(task: Task, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]],
+                   recipe: Recipe, device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """task.evaluate, with its wall time (`seconds`) and speed (`examples_per_second`) added to the scores."""
+    started = time.perf_counter()
+    scores, predictions = task.evaluate(model, tokenizer, examples, recipe, device)
+    seconds = time.perf_counter() - started
+    scores.update(seconds=seconds, examples_per_second=len(predictions) / max(seconds, 1e-9))
+    return scores, predictions

@@ -1,0 +1,107 @@
+"""Which speed and memory levers pay on this machine: lite-ft LoRA on SQuAD, the same steps and batches, with one
+setting changed at a time against the defaults. Each variant is its own `lite-ft run` process, run one after the
+other (never two at once: they would share the cores).
+
+    python benchmarks/levers.py [--steps 6] [--out benchmarks/results/levers-cpu]
+
+Needs ../shared/data (or LITE_FT_SHARED_DATA). Takes about 12 minutes on a 2-core CPU with the defaults.
+Writes levers.json and levers.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (what changes, recipe overrides, environment variables)
+VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
+    "defaults": ("lite-ft's defaults: length-grouped batches, SDPA attention, loss on labelled positions only, "
+                 "one thread per core", [], {}),
+    "no length grouping": ("random batches padded to their longest example", ["train.group_by_length=false"], {}),
+    "eager attention": ("attention as plain matmul + softmax instead of fused SDPA", ["model.attention=eager"], {}),
+    "release memory": ("train.release_memory: freed tensors go back to the OS at once (glibc mmap threshold 1 MiB)",
+                       ["train.release_memory=true"], {}),
+    "gradient checkpointing": ("activations recomputed in the backward pass", ["train.gradient_checkpointing=true"],
+                               {}),
+}
+
+
+def run_variant(name: str, overrides: list[str], env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """One `lite-ft run` with the variant's settings; its speed and memory figures from the run folder."""
+    data = Path(os.environ.get("LITE_FT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    out = Path(args.out) / "runs" / name.replace(" ", "-")
+    cmd = [sys.executable, "-m", "lite_ft", "run", str(REPO / "recipes" / "squad-lora.yaml"),
+           f"data.train={data / 'squad_train.jsonl'}", "data.eval=null", f"data.limit_train={args.examples}",
+           f"train.max_steps={args.steps}", "train.log_every=1", "train.save_every=0", "output.save_model=false",
+           "eval.baseline=false", f"output.dir={out}", *overrides, "--overwrite"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
+    if proc.returncode != 0:
+        return {"variant": name, "status": "failed", "error": (proc.stderr or proc.stdout).strip()[-500:]}
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    t = metrics["train"]
+    later = log[1:]  # step 1 pays one-time costs (allocations, thread pools): the steady rate leaves it out
+    steady_seconds = sum(e["elapsed_s"] - p["elapsed_s"] for p, e in zip(log, log[1:]))
+    steady_tokens = sum(e["tokens_per_second"] * (e["elapsed_s"] - p["elapsed_s"]) for p, e in zip(log, log[1:]))
+    return {"variant": name, "status": "ok", "steady_tokens_per_second": steady_tokens / max(steady_seconds, 1e-9),
+            "seconds_per_step_steady": steady_seconds / max(len(later), 1),
+            "tokens_per_second": t["tokens_per_second"], "peak_memory_mib": t["peak_memory_mib"],
+            "peak_phase": t["peak_memory_phase"], "losses": [e["loss"] for e in log],
+            "breakdown_mib": (t.get("memory_breakdown") or {}).get("parts_mib"), "allocator": t.get("allocator"),
+            "wall_seconds": time.perf_counter() - started}
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The levers table: each variant against the defaults."""
+    base = next(r for r in rows if r["variant"] == "defaults")
+    lines = [f"# Levers: lite-ft LoRA on SQuAD, {args.steps} steps of 8, one setting changed at a time", "",
+             "| variant | what changes | real tok/s (steps 2+) | vs defaults | s/step | peak RSS MiB | vs defaults | "
+             "loss at the last step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        what = VARIANTS[r["variant"]][0]
+        if r["status"] != "ok":
+            lines.append(f"| {r['variant']} | {what} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {what} | {r['steady_tokens_per_second']:.1f} | "
+                     f"{r['steady_tokens_per_second'] / base['steady_tokens_per_second']:.2f}x | "
+                     f"{r['seconds_per_step_steady']:.2f} | {r['peak_memory_mib']:.0f} | "
+                     f"{r['peak_memory_mib'] / base['peak_memory_mib']:.2f}x | {r['losses'][-1]:.4f} |")
+    lines += ["", f"Command: `python benchmarks/levers.py --steps {args.steps} --examples {args.examples}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--examples", type=int, default=400, help="SQuAD training rows to draw the batches from")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "levers-cpu"))
+    args = parser.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    if "defaults" not in names:
+        names.insert(0, "defaults")
+    rows = []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+        what, overrides, env = VARIANTS[name]
+        rows.append(run_variant(name, overrides, env, args))
+        r = rows[-1]
+        print(f"    {r['status']}" + (f": {r['steady_tokens_per_second']:.1f} tok/s, peak {r['peak_memory_mib']:.0f} "
+                                    f"MiB" if r["status"] == "ok" else f": {r['error'][-200:]}"), file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (out / "levers.md").write_text(markdown(rows, args), encoding="utf-8")
+    print((out / "levers.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
