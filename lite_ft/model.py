@@ -131,15 +131,20 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
-def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
-    """bitsandbytes settings: 8-bit LLM.int8, or 4-bit NF4 with double quantization computing in `dtype`."""
+# Classification heads are new and fully trained (peft's modules_to_save): they stay in full precision.
+HEADS = ["classifier", "score"]
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, skip: list[str] | None = None) -> Any:
+    """bitsandbytes settings: 8-bit LLM.int8, or 4-bit NF4 with double quantization computing in `dtype`; modules
+    named in `skip` are left unquantized."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
     return None
 
 
@@ -172,7 +177,8 @@ def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtyp
     """The base model in `dtype`, quantized if asked, on `device`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    quant = quantization_config(recipe.model.quantization or "none", dtype)
+    quant = quantization_config(recipe.model.quantization or "none", dtype,
+                                skip=HEADS if recipe.task == "classification" else None)
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=recipe.model.revision,
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   use_safetensors=None if recipe.model.allow_pickle else True)

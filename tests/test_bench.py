@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from helpers import train_steps
@@ -125,3 +126,35 @@ def test_qlora_weights_take_less_memory_than_lora_weights(make_doc: Callable[...
     # The linear layers that QLoRA quantizes: fp32 in LoRA, NF4 (4 bits + block scales) in QLoRA.
     quantized_fp32 = weights["lora"]["float32"] - weights["qlora"]["float32"]
     assert 0 < weights["qlora"]["4-bit nf4"] < 0.2 * quantized_fp32
+
+
+def test_release_memory_sets_a_fixed_mmap_threshold_on_glibc() -> None:
+    import platform
+
+    from lite_ft.memory import return_freed_memory
+
+    said = return_freed_memory(1 << 20)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert said == "glibc mmap threshold 1048576 bytes"
+    else:
+        assert "default" in said
+    return_freed_memory(32 << 20)  # back to about glibc's own ceiling for the rest of the test session
+
+
+def test_attention_kernel_is_passed_to_transformers(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = build(load_recipe(document=make_doc("qa", "lora", model={"attention": "eager"})))
+    assert built.model.get_base_model().config._attn_implementation == "eager"
+    with pytest.raises(RecipeError, match="flash-attn"):
+        load_recipe(document=make_doc("qa", "lora", model={"attention": "flash_attention_2"}))
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_classification_keeps_its_new_head_in_full_precision(
+        make_doc: Callable[..., dict[str, Any]], quantization: str) -> None:
+    method = "qlora" if quantization == "4bit" else "lora"
+    recipe = load_recipe(document=make_doc("classification", method, model={"quantization": quantization}))
+    built = build(recipe, num_labels=2)
+    heads = [m for name, m in built.model.named_modules() if name.endswith("classifier.modules_to_save.default")]
+    assert heads and all(type(h) is torch.nn.Linear for h in heads)
+    stats, _ = train_steps(built.model, built.tokenizer, recipe)
+    assert stats["steps"] == 3 and stats["final_loss"] == stats["final_loss"]  # ran, and the loss is a number
