@@ -139,18 +139,11 @@ def emit(result: dict[str, Any], out: str | None) -> None:
         sys.stdout.write(text + "\n")
 
 
-def versions(names: tuple[str, ...] = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate",
-                                       "datasets", "lite-ft")) -> dict[str, str]:
-    """Installed versions of the libraries the figures depend on."""
-    import importlib.metadata as md
+def versions() -> dict[str, str]:
+    """Installed versions of lite-ft, TRL and the libraries the figures depend on."""
+    from lite_ft.run import versions as library_versions
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return library_versions(extra=("trl",))
 
 
 def quiet_libraries() -> None:

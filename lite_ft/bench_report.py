@@ -121,7 +121,8 @@ def markdown(record: dict[str, Any], names: list[str], rows: list[dict[str, Any]
         if r["status"] != "ok":
             lines.append(f"- {r['method']} failed: {r['error']}")
             continue
-        weights = {k[len("weights ("):-1]: v for k, v in r["breakdown_mib"].items() if k.startswith("weights")}
+        weights = {k[len("weights ("):-1]: v for k, v in r["breakdown_mib"].items()
+                   if k.startswith("weights") and v >= 0.05}  # not position-id buffers and the like
         if weights:
             lines.append(f"- {r['method']} frozen weights: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in weights.items()))
     lines += ["", f"Command: `{record['command']}`", ""]

@@ -153,11 +153,11 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def versions() -> dict[str, str]:
-    """Versions of lite-ft and the libraries whose behaviour the figures depend on."""
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of lite-ft and the libraries whose behaviour the figures depend on (plus `extra` packages)."""
     import importlib.metadata as md
 
-    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", *extra)
     found = {}
     for name in names:
         try:
