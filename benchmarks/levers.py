@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import rates
+
 REPO = Path(__file__).resolve().parent.parent
 
 # name -> (what changes, recipe overrides, environment variables)
@@ -48,11 +50,12 @@ def run_variant(name: str, overrides: list[str], env: dict[str, str], args: argp
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
     t = metrics["train"]
-    later = log[1:]  # step 1 pays one-time costs (allocations, thread pools): the steady rate leaves it out
-    steady_seconds = sum(e["elapsed_s"] - p["elapsed_s"] for p, e in zip(log, log[1:]))
-    steady_tokens = sum(e["tokens_per_second"] * (e["elapsed_s"] - p["elapsed_s"]) for p, e in zip(log, log[1:]))
-    return {"variant": name, "status": "ok", "steady_tokens_per_second": steady_tokens / max(steady_seconds, 1e-9),
-            "seconds_per_step_steady": steady_seconds / max(len(later), 1),
+    elapsed = [e["elapsed_s"] for e in log]
+    seconds = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    # step 1 pays one-time costs (allocations, thread pools): the steady figures leave it out
+    steady = rates(seconds, [e["tokens_per_second"] * s for e, s in zip(log, seconds)])
+    return {"variant": name, "status": "ok", "steady_tokens_per_second": steady["tok_s_steady"],
+            "seconds_per_step_steady": steady["s_per_step_steady"],
             "tokens_per_second": t["tokens_per_second"], "peak_memory_mib": t["peak_memory_mib"],
             "peak_phase": t["peak_memory_phase"], "losses": [e["loss"] for e in log],
             "breakdown_mib": (t.get("memory_breakdown") or {}).get("parts_mib"), "allocator": t.get("allocator"),

@@ -57,11 +57,8 @@ def lite_ft_row(raw: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
 def _eval_seconds(metrics: dict[str, Any]) -> float | None:
     """Generation-eval seconds if the run recorded them (metrics.json `eval.seconds`; older runs have none)."""
     evaluation = metrics.get("eval", {})
-    for value in (evaluation.get("seconds"), evaluation.get("eval_seconds"), metrics.get("eval_seconds"),
-                  metrics.get("train", {}).get("eval_seconds")):
-        if isinstance(value, (int, float)) and value > 0:
-            return float(value)
-    return None
+    value = evaluation.get("seconds")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def trl_row(raw: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from lite_ft.tasks import evaluate_timed, get_task
 from lite_ft.train import Checkpointing, set_seed, train
 
 SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
-               "instruction": ("loss", "perplexity")}
+              "instruction": ("loss", "perplexity")}
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -190,4 +190,3 @@ def summary(metrics: dict[str, Any]) -> str:
             reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped"].items())
             lines.append(f"data.{name}: {report['used']} examples used, skipped: {reasons}")
     return "\n".join(lines)
-
