@@ -64,11 +64,13 @@ class Encoded:
 def encode_training_data(recipe: Any) -> Encoded:
     """Encode the recipe's training data with lite-ft's own task code, and order it as lite-ft's loop does
     (lite_ft.run encodes every usable example and skips those over data.max_length; lite_ft.train draws epoch 0's
-    batches from lite_ft.batching.epoch_batches)."""
-    from lite_ft.batching import epoch_batches
-    from lite_ft.data import load_splits
-    from lite_ft.model import load_tokenizer, resolve_source
-    from lite_ft.tasks import get_task
+    steps from lite_ft.data.batching.epoch_steps and splits each with split_step; with grad_accum 1 a step is one
+    batch)."""
+    from lite_ft.data.batching import epoch_steps, split_step
+    from lite_ft.data.load import load_splits
+    from lite_ft.model import load_tokenizer
+    from lite_ft.sources.resolve import resolve_source
+    from lite_ft.data.tasks import get_task
 
     task = get_task(recipe.task)
     train_split, _ = load_splits(recipe, task)
@@ -77,8 +79,9 @@ def encode_training_data(recipe: Any) -> Encoded:
     encoded = [task.encode(example, tokenizer, recipe) for example in train_split.examples]
     examples = [item for item in encoded if item is not None]
     cfg = recipe.train
-    batches = epoch_batches([len(e["input_ids"]) for e in examples], cfg.batch_size, cfg.seed, 0,
-                            cfg.group_by_length)
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps = epoch_steps(lengths, cfg.batch_size * cfg.grad_accum, cfg.seed, 0, cfg.group_by_length)
+    batches = [micro for step in steps for micro in split_step(step, lengths, cfg.batch_size)]
     return Encoded(model_path=model_path, tokenizer=tokenizer, examples=examples, batches=batches)
 
 
@@ -141,7 +144,7 @@ def emit(result: dict[str, Any], out: str | None) -> None:
 
 def versions() -> dict[str, str]:
     """Installed versions of lite-ft, TRL and the libraries the figures depend on."""
-    from lite_ft.run import versions as library_versions
+    from lite_ft.util import versions as library_versions
 
     return library_versions(extra=("trl",))
 

@@ -2,7 +2,7 @@
 
 - the fp32 matmul peak: best of several timed torch.mm on square fp32 matrices, torch's default thread count;
 - model FLOPs per real token for full fine-tuning and LoRA: torch.utils.flop_counter.FlopCounterMode around one
-  forward + backward of lite-ft's own loss (lite_ft.loss.batch_loss) on one real example, unpadded (the median-length
+  forward + backward of lite-ft's own loss (lite_ft.training.loss.batch_loss) on one real example, unpadded (the median-length
   example of lite-ft's first training batch), divided by its tokens. QLoRA does the same model work as LoRA
   (dequantizing the 4-bit weights is overhead, not model FLOPs), so it uses the LoRA figure.
 
@@ -50,10 +50,10 @@ def count_flops(recipe: Any, examples: list[dict[str, list[int]]]) -> dict[str, 
     as without the counter, so callers pass one example."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lite_ft.batching import collate
-    from lite_ft.loss import batch_loss
+    from lite_ft.data.batching import collate
+    from lite_ft.training.loss import batch_loss
     from lite_ft.model import build, count_params
-    from lite_ft.train import set_seed
+    from lite_ft.training.loop import set_seed
 
     set_seed(recipe.train.seed)  # as lite_ft.run does before build: the LoRA init depends on it
     built = build(recipe)
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
     args = parser.parse_args()
     quiet_libraries()
-    from lite_ft.config import load_recipe
+    from lite_ft.recipe.load import load_recipe
 
     peak = matmul_peak()  # first, before any model is in memory
     if args.peak_only:

@@ -3,7 +3,7 @@
 Same examples and token ids: lite-ft's own QA task encodes the recipe's training data (bench_common), and TRL gets
 the result pre-tokenized: `input_ids` plus a `completion_mask` (1 on the answer tokens), from which SFTTrainer with
 `completion_only_loss=True` builds its labels. Same order: the dataset is laid out in lite-ft's batch order
-(lite_ft.batching.epoch_batches) and read by a sequential sampler, and the first batches of TRL's own dataloader are
+(lite_ft.data.batching.epoch_steps, split_step) and read by a sequential sampler, and the first batches of TRL's own dataloader are
 compared with lite-ft's collated batches before training. Same start: SFTTrainer seeds, loads the model and attaches
 the adapter in lite-ft's order, so the LoRA init matches (the fingerprint is reported). Same optimisation: learning
 rate, scheduler, warmup steps, clipping, weight decay and seed come from the recipe.
@@ -87,7 +87,7 @@ def sft_config(recipe: Any, steps: int, output_dir: str) -> Any:
     import torch
     from trl import SFTConfig
 
-    from lite_ft.model import pick_dtype
+    from lite_ft.recipe.precision import pick_dtype
 
     cfg = recipe.train
     dtype = str(pick_dtype(recipe.model.dtype, torch.device("cpu"))).replace("torch.", "")
@@ -137,7 +137,7 @@ def train_reference(recipe: Any, rss: PeakRss, output_dir: str) -> dict[str, Any
     """Build the TRL trainer on lite-ft's data, check it sees lite-ft's batches, train, return the figures."""
     from trl import SFTTrainer
 
-    from lite_ft.batching import collate
+    from lite_ft.data.batching import collate
 
     steps, started = recipe.train.max_steps, time.perf_counter()
     data = encode_training_data(recipe)
@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     rss = PeakRss().start()
     quiet_libraries()
-    from lite_ft.config import load_recipe
+    from lite_ft.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.override)
     check_recipe(recipe)

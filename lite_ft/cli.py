@@ -1,10 +1,16 @@
-"""Command line: parse, call the library, turn lite-ft's own errors into a clean message and exit code."""
+"""Command line: parse, call the library, turn lite-ft's own errors into a clean message and exit code.
+
+Each command imports its library function inside its body: `lite-ft --help` and `lite-ft validate` then start
+without loading torch and transformers (seconds on a small machine).
+"""
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
+import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -37,9 +43,6 @@ def main() -> None:
 
 def _quiet_libraries() -> None:
     """Keep the terminal for lite-ft's own progress bars: no per-tensor loading bars or deprecation chatter."""
-    import os
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
@@ -64,7 +67,7 @@ def run_command(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite
     memory.json, recipe.yaml and the adapter or weights. An unfinished run of the same recipe in output.dir
     resumes from its last checkpoint; a different run there is refused unless --overwrite.
     """
-    from lite_ft.config import load_recipe
+    from lite_ft.recipe.load import load_recipe
     from lite_ft.run import run, summary
 
     parsed = load_recipe(recipe, overrides)
@@ -79,7 +82,7 @@ def run_command(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite
 @_clean_errors
 def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE (and OVERRIDES) without running it; print the resolved recipe."""
-    from lite_ft.config import dump_recipe, load_recipe
+    from lite_ft.recipe.load import dump_recipe, load_recipe
 
     click.echo(dump_recipe(load_recipe(recipe, overrides)), nl=False)
 
@@ -87,7 +90,7 @@ def validate_command(recipe: str, overrides: tuple[str, ...]) -> None:
 @main.command("models")
 def models_command() -> None:
     """List the built-in catalog: models fetched from PyPI wheels, usable offline as model.source."""
-    from lite_ft.catalog import CATALOG, cache_dir
+    from lite_ft.sources.catalog import CATALOG, cache_dir
 
     for entry in CATALOG.values():
         click.echo(f"{entry.name:24} {entry.description}")
@@ -110,7 +113,7 @@ def merge_command(run_dir: str, out: str, dtype: str, fmt: str, gguf_type: str) 
     trained (logits on a few eval prompts) before anything appears at --out: a transformers folder (safetensors)
     or a GGUF file with an Ollama Modelfile, plus export.json and a README.md model card.
     """
-    from lite_ft.merge import merge
+    from lite_ft.export.merge import merge
 
     record = merge(run_dir, out, dtype=dtype, fmt=fmt, gguf_type=gguf_type)
     check = record["verification"]["against_unquantized_base"]
@@ -150,7 +153,7 @@ def eval_command(target: str, overrides: tuple[str, ...], recipe: str | None, ou
 
 
 def _columns_help() -> str:
-    from lite_ft.bench_report import COLUMNS
+    from lite_ft.bench.report import COLUMNS
 
     return "\b\nColumns of bench.csv / bench.md:\n" + "\n".join(f"  {k:26} {v}" for k, v in COLUMNS.items())
 
@@ -178,7 +181,7 @@ def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: 
     reported and the others go on. Writes bench.json (with the machine), bench.csv, bench.md, bench_memory.png
     and bench_tradeoff.png into --out.
     """
-    from lite_ft.bench import bench, plan
+    from lite_ft.bench.runner import bench, plan
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     record = bench(plan(recipe, names, steps, eval_limit, out, overrides, method_overrides, full_lr))

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
+from lite_ft.data.load import load_splits
+from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import LiteFTError
+from lite_ft.export.run_folder import RunInfo, attach_adapter, inspect_run
+from lite_ft.model import load_base, load_tokenizer
+from lite_ft.recipe.load import load_recipe
+from lite_ft.recipe.precision import pick_device, pick_dtype
+from lite_ft.sources.resolve import resolve_source
+from lite_ft.util import versions, write_jsonl
 
 
 def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | None = None,
@@ -23,24 +31,18 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
              ) -> dict[str, Any]:
     """Evaluate `target` on the eval data of `recipe` (default: a run folder's own recipe.yaml, with overrides);
     write metrics.json and predictions.jsonl into `out` when given. Returns the metrics."""
-    from lite_ft.config import load_recipe
-    from lite_ft.data import load_splits
-    from lite_ft.model import pick_device
-    from lite_ft.run import versions
-    from lite_ft.tasks import evaluate_timed, get_task
-
     path = Path(target).expanduser()
     is_run = path.is_dir() and (path / "recipe.yaml").is_file()
     if recipe is None and not is_run:
         raise LiteFTError(f"{target} is not a run folder: pass --recipe RECIPE to say which task and eval data to use")
     parsed = load_recipe(recipe if recipe is not None else path / "recipe.yaml", overrides)
+    device = pick_device(parsed.train.device)  # once: every model below is loaded onto it
     task = get_task(parsed.task)
     train_split, eval_split = load_splits(parsed, task)
     if eval_split is None:
         raise LiteFTError("the recipe has no eval data: set data.eval (or data.holdout), e.g. "
                           "data.eval=builtin:qa-eval")
     num_labels = task.num_labels(parsed.data, train_split, eval_split) if parsed.task == "classification" else None
-    device = pick_device(parsed.train.device)
     model, tokenizer, described = _load(path, is_run, parsed, num_labels, device)
     scores, predictions = evaluate_timed(task, model, tokenizer, eval_split.examples, parsed, device)
     metrics = {"task": parsed.task, "evaluated": str(target), **described, "eval": scores,
@@ -53,8 +55,6 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
 def _load(path: Path, is_run: bool, recipe: Any, num_labels: int | None, device: torch.device
           ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """The model, its tokenizer, and what was loaded (for metrics.json)."""
-    from lite_ft.merge import inspect_run
-
     if is_run:
         run = inspect_run(path)
         if run.recipe.task != recipe.task:
@@ -66,17 +66,14 @@ def _load(path: Path, is_run: bool, recipe: Any, num_labels: int | None, device:
     return _plain(path, recipe, num_labels, device)
 
 
-def _run_with_adapter(run: Any, recipe: Any, num_labels: int | None, device: torch.device
+def _run_with_adapter(run: RunInfo, recipe: Any, num_labels: int | None, device: torch.device
                       ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """The base exactly as the run trained on it (its source, quantization and dtype) plus the saved adapter."""
-    from lite_ft.merge import _attach
-    from lite_ft.model import load_base, load_tokenizer, pick_dtype
-
     trained = run.recipe
     dtype = pick_dtype(trained.model.dtype, device)
     tokenizer = load_tokenizer(str(run.weights), trained)
     base = load_base(run.base_path, trained, device, dtype, num_labels or run.num_labels, tokenizer.pad_token_id)
-    model = _attach(base, run)
+    model = attach_adapter(base, run)
     return model, tokenizer, {"kind": "run (base + adapter)", "model": trained.model.source,
                               "adapter": str(run.weights), "quantization": trained.model.quantization,
                               "dtype": str(dtype).replace("torch.", "")}
@@ -85,8 +82,6 @@ def _run_with_adapter(run: Any, recipe: Any, num_labels: int | None, device: tor
 def _plain(path: Path, recipe: Any, num_labels: int | None, device: torch.device
            ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """A model folder or .gguf file, unquantized, in the recipe's compute dtype."""
-    from lite_ft.model import load_base, load_tokenizer, pick_dtype, resolve_source
-
     if path.suffix.lower() != ".gguf" and not path.is_dir():
         raise LiteFTError(f"{path} is neither a model folder, a run folder nor a .gguf file")
     source = resolve_source(str(path), recipe.model.allow_pickle)
@@ -101,11 +96,9 @@ def _plain(path: Path, recipe: Any, num_labels: int | None, device: torch.device
 
 
 def _write(out: Path, metrics: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
-    from lite_ft.run import _write_jsonl
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    _write_jsonl(out / "predictions.jsonl", predictions)
+    write_jsonl(out / "predictions.jsonl", predictions)
 
 
 def summary(metrics: dict[str, Any]) -> str:

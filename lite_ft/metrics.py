@@ -10,6 +10,9 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
+# The scores each task reports, in the order tables show them.
+SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
+              "instruction": ("loss", "perplexity")}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 

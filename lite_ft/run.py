@@ -5,24 +5,25 @@ import dataclasses
 import gc
 import json
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lite_ft import __version__, rundir
-from lite_ft.config import Recipe, dump_recipe
-from lite_ft.data import Split, load_splits
+from lite_ft.data.load import Split, load_splits
+from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import DataError, OutOfMemory
-from lite_ft.memory import MemoryMonitor, describe_breakdown, return_freed_memory
-from lite_ft.model import Built, build, count_params, pick_device
-from lite_ft.tasks import evaluate_timed, get_task
-from lite_ft.train import Checkpointing, set_seed, train
-
-SCORE_KEYS = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"),
-              "instruction": ("loss", "perplexity")}
+from lite_ft.metrics import SCORE_KEYS
+from lite_ft.model import Built, build, count_params
+from lite_ft.recipe.load import dump_recipe
+from lite_ft.recipe.precision import Placement, place
+from lite_ft.recipe.schema import Recipe
+from lite_ft.training import checkpoint, rundir
+from lite_ft.training.checkpoint import Checkpointing
+from lite_ft.training.loop import set_seed, train
+from lite_ft.training.memory import MemoryMonitor, describe_breakdown, return_freed_memory
+from lite_ft.util import versions, write_jsonl
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -33,8 +34,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
     there is refused unless `overwrite`.
     """
     started = time.perf_counter()
+    placement = place(recipe)  # once, before anything is loaded: device and precision for the whole run
     allocator = "glibc default"
-    if recipe.train.release_memory and pick_device(recipe.train.device).type == "cpu":
+    if recipe.train.release_memory and placement.device.type == "cpu":
         allocator = return_freed_memory()  # before the model and data take memory
     out = Path(recipe.output.dir)
     plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite)
@@ -47,31 +49,29 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[s
         raise
     while True:
         try:
-            metrics = _train_and_evaluate(recipe, task, train_split, eval_split, out, plan)
+            metrics = _train_and_evaluate(recipe, placement, task, train_split, eval_split, out, plan)
             break
         except OutOfMemory as exc:
             if not recipe.train.auto_batch_size or recipe.train.batch_size == 1:
                 raise
-            recipe = _halve_micro_batch(recipe, out)
-            plan = rundir.Plan(notes=plan.notes + [f"out of memory ({exc}); retrying from the start with "
-                                                   f"train.batch_size={recipe.train.batch_size} "
-                                                   f"train.grad_accum={recipe.train.grad_accum}"])
+            recipe = _halve_micro_batch(recipe)
+            plan = _retry_plan(plan, out, exc, recipe)
     metrics["train"]["allocator"] = allocator
     metrics["wall_seconds_total"] = time.perf_counter() - started
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
 
 
-def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_split: Split | None, out: Path,
-                        plan: rundir.Plan) -> dict[str, Any]:
+def _train_and_evaluate(recipe: Recipe, placement: Placement, task: Any, train_split: Split,
+                        eval_split: Split | None, out: Path, plan: rundir.Plan) -> dict[str, Any]:
     num_labels = task.num_labels(recipe.data, train_split, eval_split) if recipe.task == "classification" else None
     (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
     set_seed(recipe.train.seed)  # before build: LoRA and classifier heads are initialised there
     snapshot = out / "memory_snapshot.pickle" if recipe.train.memory_snapshot else None
-    monitor = MemoryMonitor(pick_device(recipe.train.device), snapshot=snapshot)
+    monitor = MemoryMonitor(placement.device, snapshot=snapshot)
     with monitor:
         with monitor.phase("model_load"):
-            built = build(recipe, num_labels=num_labels)
+            built = build(recipe, placement, num_labels=num_labels)
         encoded = _encode(task, train_split, built, recipe)
         data_report = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
         (out / "data_report.json").write_text(json.dumps(data_report, indent=2), encoding="utf-8")
@@ -83,13 +83,13 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
                                                             recipe, built.device)
         trainable, total = count_params(built.model)
         stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id, causal=task.causal,
-                      device=built.device, monitor=monitor, log_path=out / "train_log.jsonl",
+                      precision=placement.precision, monitor=monitor, log_path=out / "train_log.jsonl",
                       checkpointing=Checkpointing(out / "checkpoints", recipe, resume=plan.resume))
         if eval_split is not None:
             with monitor.phase("evaluation"):
                 metrics["eval"], predictions = evaluate_timed(task, built.model, built.tokenizer,
                                                               eval_split.examples, recipe, built.device)
-            _write_jsonl(out / "predictions.jsonl", predictions)
+            write_jsonl(out / "predictions.jsonl", predictions)
         if recipe.output.save_model:
             with monitor.phase("save"):
                 _save(built, out)
@@ -98,6 +98,7 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
                  peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
                  memory_breakdown=memory["breakdown"],
                  device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
+    metrics["loss_path"] = stats.pop("loss_path")
     metrics["train"] = stats
     metrics["data"] = data_report
     metrics["run"] = rundir.record(plan)
@@ -106,16 +107,25 @@ def _train_and_evaluate(recipe: Recipe, task: Any, train_split: Split, eval_spli
     return metrics
 
 
-def _halve_micro_batch(recipe: Recipe, out: Path) -> Recipe:
-    """Half the micro-batch, twice the accumulation: the same effective batch in less memory. The failed
-    attempt's checkpoints (another batch shape) are removed, and the memory it held is released."""
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+def _halve_micro_batch(recipe: Recipe) -> Recipe:
+    """Half the micro-batch, twice the accumulation: the same effective batch, so the same steps, in less memory.
+    The memory the failed attempt held is released first."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     t = recipe.train
     return dataclasses.replace(recipe, train=dataclasses.replace(t, batch_size=t.batch_size // 2,
                                                                  grad_accum=t.grad_accum * 2))
+
+
+def _retry_plan(plan: rundir.Plan, out: Path, exc: Exception, recipe: Recipe) -> rundir.Plan:
+    """After an out-of-memory retry, continue from the failed attempt's last checkpoint: a step computes the same
+    whatever its split, so its checkpoints stay valid."""
+    resume, _ = checkpoint.latest_valid(out / "checkpoints")
+    where = f"resuming from {resume}" if resume else "from the start"
+    note = (f"out of memory ({exc}); retrying {where} with train.batch_size={recipe.train.batch_size} "
+            f"train.grad_accum={recipe.train.grad_accum}")
+    return rundir.Plan(resume=resume, notes=plan.notes + [note], harmless_changes=plan.harmless_changes)
 
 
 def _encode(task: Any, split: Any, built: Built, recipe: Recipe) -> list[dict[str, Any]]:
@@ -141,30 +151,10 @@ def _save(built: Built, out: Path) -> None:
     built.tokenizer.save_pretrained(folder)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Versions of lite-ft and the libraries whose behaviour the figures depend on (plus `extra` packages)."""
-    import importlib.metadata as md
-
-    names = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", *extra)
-    found = {}
-    for name in names:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "not installed"
-    return {"lite-ft": __version__, **found}
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _asset_texts() -> list[str]:
-    from lite_ft.tasks.qa import INSTRUCTION
+    from lite_ft.data.tasks.qa import INSTRUCTION
 
     texts = [INSTRUCTION]
     for path in sorted(ASSETS.glob("*.jsonl")):

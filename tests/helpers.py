@@ -58,14 +58,17 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 
 def train_steps(model: torch.nn.Module, tokenizer: Any, recipe: Any, task_name: str | None = None,
-                log_path: Path | None = None, monitor: Any = None) -> tuple[dict[str, Any], list[float]]:
-    """Load the recipe's data, encode it, run lite_ft.train.train; return its stats and the per-log-step losses.
+                log_path: Path | None = None, monitor: Any = None, precision: Any = None
+                ) -> tuple[dict[str, Any], list[float]]:
+    """Load the recipe's data, encode it, run lite_ft.training.loop.train; return its stats and the per-log-step losses.
 
-    `monitor`: a MemoryMonitor the caller has entered; by default a fresh one."""
-    from lite_ft.data import load_splits
-    from lite_ft.memory import MemoryMonitor
-    from lite_ft.tasks import get_task
-    from lite_ft.train import train
+    `monitor`: a MemoryMonitor the caller has entered; by default a fresh one. `precision`: by default the
+    recipe's policy on the model's device."""
+    from lite_ft.data.load import load_splits
+    from lite_ft.data.tasks import get_task
+    from lite_ft.recipe.precision import precision_for
+    from lite_ft.training.loop import train
+    from lite_ft.training.memory import MemoryMonitor
 
     task = get_task(task_name or recipe.task)
     split, _ = load_splits(recipe, task)
@@ -76,7 +79,7 @@ def train_steps(model: torch.nn.Module, tokenizer: Any, recipe: Any, task_name: 
     monitor = monitor or MemoryMonitor(device)
     with monitor if own else contextlib.nullcontext():
         stats = train(model, encoded, recipe.train, pad_id=tokenizer.pad_token_id, causal=task.causal,
-                      device=device, monitor=monitor, log_path=log_path)
+                      precision=precision or precision_for(recipe, device), monitor=monitor, log_path=log_path)
     losses = []
     if log_path is not None:
         losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]

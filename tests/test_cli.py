@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from helpers import read_jsonl, recipe_doc
 from lite_ft.cli import main
-from lite_ft.config import load_recipe
+from lite_ft.recipe.load import load_recipe
 from lite_ft.metrics import classification_scores, qa_scores
 
 

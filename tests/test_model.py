@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import changed, snapshot, train_steps
-from lite_ft.config import load_recipe
+from lite_ft.recipe.load import load_recipe
 from lite_ft.errors import LiteFTError
-from lite_ft.model import build, count_params, pick_device, pick_dtype
-from lite_ft.train import set_seed
+from lite_ft.model import build, count_params
+from lite_ft.recipe.precision import pick_device, pick_dtype
+from lite_ft.training.loop import set_seed
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_LAYERS = 2
@@ -185,7 +186,7 @@ def test_classification_head_on_a_causal_lm_ignores_padding(make_doc: Callable[.
     model config has none, so a padded batch scores each sentence as it scores it alone."""
     import json
 
-    from lite_ft.batching import collate
+    from lite_ft.data.batching import collate
 
     folder = tmp_path / "no-pad-id"
     folder.mkdir()
@@ -210,9 +211,9 @@ def test_classification_head_on_a_causal_lm_ignores_padding(make_doc: Callable[.
 
 def test_batched_generation_equals_one_prompt_at_a_time(make_doc: Callable[..., dict[str, Any]]) -> None:
     """Left padding and the attention mask must not change greedy answers: batch of 8 == 8 batches of 1."""
-    from lite_ft.data import load_splits
-    from lite_ft.tasks import get_task
-    from lite_ft.tasks.causal import generate
+    from lite_ft.data.load import load_splits
+    from lite_ft.data.tasks import get_task
+    from lite_ft.data.tasks.causal import generate
 
     recipe = load_recipe(document=make_doc("qa", "lora", data={"limit_eval": 8}))
     set_seed(0)

@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from lite_ft.cli import main
-from lite_ft.config import load_recipe
+from lite_ft.recipe.load import load_recipe
 from lite_ft.errors import LiteFTError
-from lite_ft.model import build, convert_gguf
+from lite_ft.model import build
+from lite_ft.sources.resolve import convert_gguf
 
 
 def copy_model(src: Path, dst: Path) -> Path:

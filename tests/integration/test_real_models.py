@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, changed, read_jsonl, snapshot, train_steps
-from lite_ft.config import load_recipe
+from lite_ft.recipe.load import load_recipe
 from lite_ft.errors import LiteFTError
-from lite_ft.model import build, resolve_source
-from lite_ft.tasks import get_task
-from lite_ft.train import set_seed
+from lite_ft.model import build
+from lite_ft.sources.resolve import resolve_source
+from lite_ft.data.tasks import get_task
+from lite_ft.training.loop import set_seed
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +53,7 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
         print(f"\n[lite-ft integration] {line}")
 
 
+@pytest.mark.slow  # 35-50 s each here: four steps of the real 135M model
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_smollm2_trains_only_its_adapters(method: str, smollm: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,7 +149,7 @@ def test_hub_model_id_fails_fast_naming_the_catalog(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(_hub_resolves(), reason="huggingface.co resolves here: the offline fail-fast path is not taken")
 def test_hub_dataset_id_fails_fast_naming_the_builtin_sets(tmp_path: Path) -> None:
-    from lite_ft.data import load_rows
+    from lite_ft.data.load import load_rows
 
     started = time.monotonic()
     with pytest.raises(LiteFTError) as info:
@@ -157,7 +159,7 @@ def test_hub_dataset_id_fails_fast_naming_the_builtin_sets(tmp_path: Path) -> No
 
 
 def test_catalog_entries_are_cached_and_complete(smollm: str, minilm: str) -> None:
-    from lite_ft import catalog
+    from lite_ft.sources import catalog
 
     for name in ("smollm2-135m-instruct", "minilm-l6"):
         path = catalog.fetch(name)  # a second fetch must come from the cache

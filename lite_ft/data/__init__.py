@@ -1,0 +1,2 @@
+"""Stage 3, the data: raw rows loaded and mapped to task fields (load), encoded by the task (tasks/), and batched
+(batching)."""

@@ -1,0 +1,299 @@
+"""Recipes: YAML + command-line overrides, validated once into frozen typed objects (the schema is in schema.py).
+
+Every problem in a recipe is collected and reported together (key, bad value, fix); unknown keys get a
+"did you mean". Overrides (`train.lr=1e-4`) are merged into the raw document first, so the file and the command
+line obey exactly the same rules.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lite_ft.errors import RecipeError
+from lite_ft.recipe.preflight import check_environment
+from lite_ft.recipe.schema import (
+    SECTIONS,
+    DataConfig,
+    EvalConfig,
+    LoraSection,
+    Method,
+    ModelConfig,
+    OutputConfig,
+    Quantization,
+    Recipe,
+    Task,
+    TrainConfig,
+)
+
+__all__ = ["DataConfig", "EvalConfig", "LoraSection", "Method", "ModelConfig", "OutputConfig", "Quantization",
+           "Recipe", "SECTIONS", "Task", "TrainConfig", "apply_overrides", "dump_recipe", "load_recipe", "validate"]
+
+# Names other fine-tuning tools use for our keys, so users coming from them get pointed to the right one.
+_ALIASES = {"rank": "lora.r", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+            "learning_rate": "train.lr", "num_epochs": "train.epochs", "num_train_epochs": "train.epochs",
+            "micro_batch_size": "train.batch_size", "per_device_train_batch_size": "train.batch_size",
+            "gradient_accumulation_steps": "train.grad_accum", "max_seq_length": "data.max_length",
+            "sequence_len": "data.max_length", "base_model": "model.source", "output_dir": "output.dir"}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_recipe(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
+                document: dict[str, Any] | None = None, environment: bool = True) -> Recipe:
+    """Read a recipe (a YAML file or an already parsed document), apply `section.key=value` overrides, validate.
+
+    With `environment` (the default), the checks of this machine run too (data files exist, needed packages
+    import; recipe.preflight): a saved recipe that is only read back, by merge or eval, skips them."""
+    source = str(path) if path is not None else "recipe"
+    if document is None:
+        if path is None:
+            raise RecipeError(["no recipe given: pass a YAML file"], source)
+        document = _read_yaml(Path(path))
+    problems: list[str] = []
+    raw = apply_overrides(document, overrides, problems)
+    recipe = validate(raw, problems, environment)
+    if problems or recipe is None:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}. Pass the path of a recipe YAML (see recipes/)."], str(path))
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], str(path)) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise RecipeError([f"the top level must be a mapping of keys (task, method, model, ...), got "
+                           f"{type(doc).__name__}"], str(path))
+    return doc
+
+
+def apply_overrides(document: dict[str, Any], overrides: typing.Iterable[str], problems: list[str]) -> dict[str, Any]:
+    """Merge `a.b=value` strings into a copy of the document; values are parsed as YAML scalars."""
+    raw: dict[str, Any] = copy.deepcopy(document)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: write it as section.key=value, e.g. train.lr=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        target = raw
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = value
+    return raw
+
+
+def validate(raw: dict[str, Any], problems: list[str], environment: bool = True) -> Recipe | None:
+    """Check a raw document against the schema (and, with `environment`, against this machine); append every
+    problem found; return the recipe if none."""
+    top_keys = {"task", "method", *SECTIONS}
+    for key in raw:
+        if key not in top_keys:
+            problems.append(_unknown(str(key), top_keys))
+    values: dict[str, Any] = {}
+    hints = typing.get_type_hints(Recipe)
+    for key in ("task", "method"):
+        choices = typing.get_args(hints[key])
+        if key not in raw:
+            problems.append(f"{key}: missing; set it to one of {', '.join(choices)}")
+        elif _check(key, raw[key], hints[key], problems) in choices:
+            values[key] = raw[key]
+    for name, cls in SECTIONS.items():
+        section = raw.get(name, {})
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            problems.append(f"{name}: expected a mapping of keys, got {section!r}")
+            section = {}
+        values[name] = _build_section(name, cls, section, problems)
+    # Range and combination checks run on every value that passed its type check, so one report lists everything.
+    recipe = Recipe(**{"task": "qa", "method": "lora", **values})
+    _check_ranges(recipe, problems)
+    _check_combinations(recipe, problems)
+    if environment:
+        check_environment(recipe, problems)
+    return None if problems else _resolve(recipe)
+
+
+def _build_section(name: str, cls: type, section: dict[str, Any], problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = set(hints)
+    kwargs = {}
+    for key, value in section.items():
+        if key not in known:
+            problems.append(_unknown(f"{name}.{key}", _all_keys()))
+            continue
+        before = len(problems)
+        converted = _check(f"{name}.{key}", _expand_env(value), hints[key], problems)
+        if len(problems) == before:  # a bad value keeps the default, so later checks still run
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _all_keys() -> set[str]:
+    return {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, candidates: set[str]) -> str:
+    section, _, leaf = key.rpartition(".")
+    # A known key in the wrong section (train.r -> lora.r), else the closest spelling among the section's own keys
+    # (compared by leaf name: the shared "train." prefix alone would make any key look close).
+    guess = [c for c in sorted(candidates) if section and c.endswith("." + leaf)][:1]
+    guess = guess or ([_ALIASES[leaf]] if leaf in _ALIASES else [])
+    if not guess:
+        own = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == section}
+        guess = [own[g] for g in difflib.get_close_matches(leaf, sorted(own), n=1, cutoff=0.6)]
+    hint = f"did you mean {guess[0]}?" if guess else "remove it (see recipes/ for the keys a recipe takes)"
+    return f"{key}: unknown key; {hint}"
+
+
+def _expand_env(value: Any) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in strings, so recipes can point at data through the environment."""
+    if not isinstance(value, str):
+        return value
+    return _ENV.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _check(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """Return `value` converted to the type `hint`, or append a problem and return the value unchanged."""
+    ok, converted = _convert(value, hint)
+    if not ok:
+        guess = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(hint)], n=1, cutoff=0.6) \
+            if typing.get_origin(hint) is Literal else []
+        fix = f"; did you mean {guess[0]}?" if guess else ""
+        problems.append(f"{key}: {value!r} is not {_describe(hint)}{fix}")
+    return converted
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return True, None
+        for arm in typing.get_args(hint):
+            if arm is not type(None):
+                ok, converted = _convert(value, arm)
+                if ok:
+                    return True, converted
+        return False, value
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return True, list(value)
+        return False, value
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return True, dict(value)
+        return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return True, float(value)
+            except OverflowError:  # an integer beyond the float range
+                return False, value
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str) and value != "", value
+    return False, value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(hint))
+    if origin is list:
+        return "a list of strings"
+    if origin is dict:
+        return "a mapping of strings to strings"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
+             type(None): "null"}
+    return names.get(hint, str(hint))
+
+
+def _check_ranges(r: Recipe, problems: list[str]) -> None:
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("lora.r", r.lora.r, r.lora.r >= 1, "use a positive rank such as 8 or 16"),
+        ("lora.alpha", r.lora.alpha, r.lora.alpha > 0, "use a positive number, commonly 2 * r"),
+        ("lora.dropout", r.lora.dropout, 0 <= r.lora.dropout < 1, "use a value in [0, 1), e.g. 0.05"),
+        ("train.lr", r.train.lr, 0 < r.train.lr < 1, "use a learning rate such as 2e-4 (LoRA) or 2e-5 (full)"),
+        ("train.batch_size", r.train.batch_size, r.train.batch_size >= 1, "use 1 or more"),
+        ("train.grad_accum", r.train.grad_accum, r.train.grad_accum >= 1, "use 1 or more"),
+        ("train.epochs", r.train.epochs, r.train.epochs > 0, "use a positive number of passes"),
+        ("train.max_steps", r.train.max_steps, r.train.max_steps is None or r.train.max_steps >= 1,
+         "use 1 or more, or leave it unset to train for train.epochs"),
+        ("train.weight_decay", r.train.weight_decay, r.train.weight_decay >= 0, "use 0 or more"),
+        ("train.warmup_ratio", r.train.warmup_ratio, 0 <= r.train.warmup_ratio < 1, "use a value in [0, 1)"),
+        ("train.max_grad_norm", r.train.max_grad_norm, r.train.max_grad_norm >= 0, "use 0 (off) or more"),
+        ("train.log_every", r.train.log_every, r.train.log_every >= 1, "use 1 or more"),
+        ("train.save_every", r.train.save_every, r.train.save_every >= 0, "use 0 (only on Ctrl-C) or more"),
+        ("train.keep_checkpoints", r.train.keep_checkpoints, r.train.keep_checkpoints >= 1, "use 1 or more"),
+        ("train.skip_nonfinite", r.train.skip_nonfinite, r.train.skip_nonfinite >= 0, "use 0 or more"),
+        ("data.max_length", r.data.max_length, r.data.max_length >= 16, "use 16 tokens or more"),
+        ("data.limit_train", r.data.limit_train, r.data.limit_train is None or r.data.limit_train >= 1,
+         "use 1 or more, or leave it unset for all examples"),
+        ("data.holdout", r.data.holdout, r.data.holdout is None or r.data.holdout >= 1,
+         "use 1 or more, or leave it unset"),
+        ("data.limit_eval", r.data.limit_eval, r.data.limit_eval is None or r.data.limit_eval >= 1,
+         "use 1 or more, or leave it unset for all examples"),
+        ("eval.batch_size", r.eval.batch_size, r.eval.batch_size >= 1, "use 1 or more"),
+        ("eval.max_new_tokens", r.eval.max_new_tokens, r.eval.max_new_tokens >= 1, "use 1 or more"),
+    ]
+    for key, value, ok, fix in rules:
+        if not ok:
+            problems.append(f"{key}: {value!r} is out of range; {fix}")
+
+
+def _check_combinations(r: Recipe, problems: list[str]) -> None:
+    q = r.model.quantization
+    if r.method == "full" and q not in (None, "none"):
+        problems.append(f"model.quantization: {q!r} cannot be trained with method full (quantized weights have no "
+                        "gradients); use method lora or qlora, or set model.quantization none")
+    if r.method == "qlora" and q not in (None, "4bit"):
+        problems.append(f"model.quantization: {q!r} contradicts method qlora (a 4-bit base); set it to 4bit, or use "
+                        "method lora for LoRA on an 8-bit or unquantized base")
+    if r.data.holdout and r.data.eval:
+        problems.append("data.holdout: set together with data.eval; keep one of them (holdout splits data.train)")
+    if r.task != "classification" and r.data.labels:
+        problems.append(f"data.labels: only used by task classification; remove it for task {r.task}")
+
+
+def _resolve(r: Recipe) -> Recipe:
+    """Fill the defaults that depend on other keys, so the saved recipe states exactly what ran."""
+    quant = r.model.quantization or ("4bit" if r.method == "qlora" else "none")
+    return dataclasses.replace(r, model=dataclasses.replace(r.model, quantization=quant))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, loadable again with load_recipe."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,99 @@
+"""Where a run computes and in which dtypes: the device, and the precision policy (README, "Precision").
+
+Resolved once, at the edge of a command, from the recipe and the hardware, then passed down: the model builder
+stores weights as the policy says and the training loop computes as it says.
+
+| method     | 16-bit dtype (bf16 / fp16)                                   | fp32                  |
+| ---------- | ------------------------------------------------------------ | --------------------- |
+| full       | fp32 master weights, gradients and AdamW state; forward and   | everything fp32       |
+|            | backward under autocast in the 16-bit dtype                   |                       |
+| lora       | frozen base stored in 16 bits; adapters, their gradients and  | everything fp32       |
+|            | optimizer state fp32                                          |                       |
+| qlora      | base NF4, dequantized to the 16-bit dtype for compute;        | NF4, computes fp32    |
+|            | adapters fp32                                                 |                       |
+
+fp16 always trains with a gradient scaler (dynamic loss scaling): its 5 exponent bits flush small gradients to 0.
+bf16 has fp32's exponent range and needs none.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from lite_ft.errors import LiteFTError
+from lite_ft.recipe.schema import Recipe
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """cuda when asked or available, else cpu. Asking for cuda without one is an error, not a silent fallback."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise LiteFTError("train.device is cuda but no CUDA GPU is visible; set train.device auto or cpu")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere: CPUs without AVX512-BF16 run bf16 matmuls ~400x slower."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of one run: `compute` (activations, matmuls), `weights` (what the model is loaded in) and
+    whether the forward runs under autocast and the backward through a gradient scaler."""
+
+    device: torch.device
+    compute: torch.dtype
+    weights: torch.dtype
+    autocast: bool
+    grad_scaler: bool
+
+    def autocast_context(self) -> AbstractContextManager[object]:
+        """torch.autocast in the compute dtype where the policy asks for it, else nothing."""
+        if not self.autocast:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute)
+
+    def make_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device.type) if self.grad_scaler else None
+
+    def describe(self) -> dict[str, object]:
+        """For metrics.json: what was stored and computed in which dtype."""
+        name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        return {"compute": name(self.compute), "weights": name(self.weights), "autocast": self.autocast,
+                "grad_scaler": self.grad_scaler}
+
+
+def precision_for(recipe: Recipe, device: torch.device) -> Precision:
+    """The policy of the module docstring for this recipe on this device."""
+    compute = pick_dtype(recipe.model.dtype, device)
+    half = compute in HALF
+    full = recipe.method == "full"
+    # Full fine-tuning keeps fp32 master weights and computes in 16 bits under autocast; LoRA stores the frozen
+    # base in 16 bits (peft keeps the adapters in fp32) and needs no autocast.
+    weights = torch.float32 if full else compute
+    return Precision(device=device, compute=compute, weights=weights, autocast=full and half,
+                     grad_scaler=compute == torch.float16)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a command resolves once about the hardware, before any model is loaded."""
+
+    device: torch.device
+    precision: Precision
+
+
+def place(recipe: Recipe) -> Placement:
+    """Resolve device and precision for `recipe` (LiteFTError when the device asked for is absent)."""
+    device = pick_device(recipe.train.device)
+    return Placement(device=device, precision=precision_for(recipe, device))
