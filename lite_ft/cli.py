@@ -6,7 +6,9 @@ without loading torch and transformers (seconds on a small machine).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from functools import wraps
@@ -18,11 +20,15 @@ import click
 from lite_ft import __version__
 from lite_ft.errors import LiteFTError
 
+# lite_ft.export.gguf_export.GGUF_TYPES, spelled out here so that `lite-ft --help` does not import torch.
+GGUF_TYPES = ["f32", "f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"]
+
 
 def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Show a LiteFTError as `error: ...` with its exit code (2 for recipe problems), never as a traceback."""
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = _terminate_as_exception()
         try:
             return fn(*args, **kwargs)
         except LiteFTError as exc:
@@ -31,7 +37,28 @@ def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated (SIGTERM); an unfinished run continues with the same command and --resume", err=True)
+            sys.exit(143)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
+
+
+class Terminated(BaseException):  # not an Exception: no `except Exception` may swallow it
+    """SIGTERM outside the training steps (which checkpoint first): unwind, so that files are closed cleanly."""
+
+
+def _terminate_as_exception() -> Any:
+    """Turn SIGTERM into Terminated in the main thread; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handle)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,22 +85,36 @@ def _quiet_libraries() -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever run output.dir holds.")
+@click.option("--allow-data-change", is_flag=True,
+              help="With --resume: continue although the training data changed since the checkpoint (recorded).")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Processes on this machine (data parallel, like torchrun --nproc_per_node); CPU: gloo, GPU: nccl.")
 @_clean_errors
-def run_command(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
+def run_command(recipe: str, overrides: tuple[str, ...], resume: bool, overwrite: bool,
+                allow_data_change: bool, nproc: int) -> None:
     """Fine-tune and evaluate as RECIPE says.
 
     OVERRIDES are section.key=value pairs checked like the file, e.g. train.max_steps=20 lora.r=8
     output.dir=runs/try2. Results land in output.dir: metrics.json, predictions.jsonl, train_log.jsonl,
     memory.json, recipe.yaml and the adapter or weights. An unfinished run of the same recipe in output.dir
-    resumes from its last checkpoint; a different run there is refused unless --overwrite.
+    resumes from its last checkpoint; a different run there is refused unless --overwrite. Under torchrun or
+    accelerate launch, every process runs this command and rank 0 writes the results.
     """
     from lite_ft.recipe.load import load_recipe
+
+    parsed = load_recipe(recipe, overrides)  # checked once here, before any process starts
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lite_ft.training.launch import launch
+
+        flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite),
+                                 ("--allow-data-change", allow_data_change)) if on]
+        sys.exit(launch(["run", recipe, *overrides, *flags], nproc))
     from lite_ft.run import run, summary
 
-    parsed = load_recipe(recipe, overrides)
-    metrics = run(parsed, resume=resume, overwrite=overwrite)
-    click.echo(summary(metrics))
-    click.echo(f"results in {parsed.output.dir}/ (metrics.json, predictions.jsonl)")
+    metrics = run(parsed, resume=resume, overwrite=overwrite, allow_data_change=allow_data_change)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(summary(metrics))
+        click.echo(f"results in {parsed.output.dir}/ (metrics.json, predictions.jsonl)")
 
 
 @main.command("validate")
@@ -103,8 +144,9 @@ def models_command() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Weight dtype of a safetensors export.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
-@click.option("--gguf-type", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
-              help="Tensor type of a GGUF export (norms stay f32).")
+@click.option("--gguf-type", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
+              help="Tensor type of a GGUF export (norms stay f32); q4_k_m, q5_k_m and q6_k are made by llama.cpp's "
+                   "quantizer and need the gguf-check extra.")
 @_clean_errors
 def merge_command(run_dir: str, out: str, dtype: str, fmt: str, gguf_type: str) -> None:
     """Merge the adapter of RUN_DIR into its base model and export it, verified.
@@ -125,10 +167,22 @@ def merge_command(run_dir: str, out: str, dtype: str, fmt: str, gguf_type: str) 
         click.echo(f"against the quantized base it was trained on: max |logit diff| {quantized['max_abs_diff']:.3g}, "
                    f"greedy agreement {100 * quantized['greedy_agreement']:.1f}%")
     if record.get("gguf"):
-        trip = record["gguf"]["roundtrip"]
-        click.echo(f"GGUF read back with transformers: max |logit diff| {trip['max_abs_diff']:.3g}, greedy agreement "
-                   f"{100 * trip['greedy_agreement']:.1f}%")
+        click.echo(_gguf_line(record["gguf"]))
     click.echo(f"peak memory {record['peak_rss_mib']:.0f} MiB (process RSS); details in {out}/export.json")
+
+
+def _gguf_line(g: dict[str, Any]) -> str:
+    """How the GGUF file was checked: in llama.cpp, or only read back with transformers."""
+    if "llama_cpp" not in g:
+        trip = g["roundtrip"]
+        return (f"GGUF read back with transformers: max |logit diff| {trip['max_abs_diff']:.3g}, greedy agreement "
+                f"{100 * trip['greedy_agreement']:.1f}%; {g['checked_in'].split('; ', 1)[-1]}")
+    c = g["llama_cpp"]
+    return (f"checked in {c['engine']}: loads without warnings, token ids identical to transformers on "
+            f"{c['tokens']['probes']} probes, max |logit diff| {c['max_abs_diff']:.3g} "
+            f"({100 * c['relative_max_diff']:.2f}% of scale), top-1 agreement {100 * c['top1_agreement']:.1f}% "
+            f"(next token after {c['same_next_token']}/{c['prompts']} eval prompts), perplexity "
+            f"{c['positions']['perplexity']['gguf']:.4g} (merged {c['positions']['perplexity']['merged']:.4g})")
 
 
 @main.command("eval")
@@ -171,9 +225,11 @@ def _columns_help() -> str:
               help="An override for one method only, e.g. --set qlora:train.batch_size=4.")
 @click.option("--full-lr", type=float, default=None,
               help="Learning rate of full fine-tuning (default: the recipe's train.lr / 10 for a LoRA recipe).")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Processes per method (data parallel); the table shows their total tokens/s and each rank's peak.")
 @_clean_errors
 def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: int, eval_limit: int | None,
-                  out: str, method_overrides: tuple[str, ...], full_lr: float | None) -> None:
+                  out: str, method_overrides: tuple[str, ...], full_lr: float | None, nproc: int) -> None:
     """Train RECIPE with each method on the same data, seed and batch shape, each in its own process, and compare
     memory (what the peak is made of), speed, loss and task scores side by side.
 
@@ -184,7 +240,7 @@ def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: 
     from lite_ft.bench.runner import bench, plan
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    record = bench(plan(recipe, names, steps, eval_limit, out, overrides, method_overrides, full_lr))
+    record = bench(plan(recipe, names, steps, eval_limit, out, overrides, method_overrides, full_lr, nproc))
     click.echo((Path(out) / "bench.md").read_text(encoding="utf-8"))
     failed = [r["method"] for r in record["methods"] if r["status"] != "ok"]
     click.echo(f"results in {out}/ (bench.json, bench.csv, bench.md, bench_memory.png, bench_tradeoff.png)")

@@ -41,14 +41,21 @@ class Built:
 HEADS = ["classifier", "score"]
 
 
-def quantization_config(quantization: str, dtype: torch.dtype, skip: list[str] | None = None) -> Any:
+def quantization_config(quantization: str, dtype: torch.dtype, skip: list[str] | None = None,
+                        fsdp: bool = False) -> Any:
     """bitsandbytes settings: 8-bit LLM.int8, or 4-bit NF4 with double quantization computing in `dtype`; modules
-    named in `skip` are left unquantized."""
+    named in `skip` are left unquantized. Under FSDP the 4-bit weights are stored in `dtype` too
+    (bnb_4bit_quant_storage): FSDP shards tensors of one dtype, and the default uint8 storage silently trains
+    nothing (loss 0 or NaN) or saves no memory."""
     if quantization == "8bit":
+        if fsdp:
+            raise LiteFTError("train.fsdp with model.quantization 8bit is not supported (LLM.int8 weights cannot be "
+                              "sharded); use 4bit (qlora) or no quantization")
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": dtype} if fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip, **storage)
     return None
 
 
@@ -81,7 +88,7 @@ def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtyp
               pad_token_id: int | None) -> torch.nn.Module:
     """The base model in `dtype`, quantized if asked (computing in `dtype`), on `device`."""
     quant = quantization_config(recipe.model.quantization or "none", dtype,
-                                skip=HEADS if recipe.task == "classification" else None)
+                                skip=HEADS if recipe.task == "classification" else None, fsdp=recipe.train.fsdp)
     kwargs: dict[str, Any] = dict(dtype=dtype, revision=recipe.model.revision,
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   use_safetensors=None if recipe.model.allow_pickle else True)

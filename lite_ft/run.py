@@ -6,105 +6,192 @@ import gc
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lite_ft.data.load import Split, load_splits
+from lite_ft.data.load import Split, fingerprint, load_splits
 from lite_ft.data.tasks import evaluate_timed, get_task
-from lite_ft.errors import DataError, OutOfMemory
+from lite_ft.errors import DataError, OutOfMemory, WriteFailed
 from lite_ft.metrics import SCORE_KEYS
 from lite_ft.model import Built, build, count_params
 from lite_ft.recipe.load import dump_recipe
 from lite_ft.recipe.precision import Placement, place
+from lite_ft.recipe.preflight import absolute_paths
 from lite_ft.recipe.schema import Recipe
-from lite_ft.training import checkpoint, rundir
+from lite_ft.sources.resolve import resolve_source
+from lite_ft.training import checkpoint, distributed, rundir, sharding, writes
 from lite_ft.training.checkpoint import Checkpointing
-from lite_ft.training.loop import set_seed, train
+from lite_ft.training.distributed import Dist
+from lite_ft.training.lock import RunLock
+from lite_ft.training.loop import RESUME_HINT, set_seed, train
 from lite_ft.training.memory import MemoryMonitor, describe_breakdown, return_freed_memory
+from lite_ft.training.trackers import Trackers
 from lite_ft.util import versions, write_jsonl
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+        ) -> dict[str, Any]:
     """Fine-tune and evaluate as the recipe says; write metrics.json, predictions.jsonl, train_log.jsonl,
     memory.json, data_report.json, recipe.yaml and the weights into output.dir. Returns the metrics.
 
-    An unfinished run of the same recipe in output.dir resumes from its last good checkpoint; a different run
-    there is refused unless `overwrite`.
+    An unfinished run of the same recipe in output.dir resumes from its last good checkpoint (refused when the
+    training data changed, unless `allow_data_change`); a different run there is refused unless `overwrite`. The
+    folder is locked for the whole run: a second run on it stops at once.
     """
     started = time.perf_counter()
+    recipe = absolute_paths(recipe)  # recipe.yaml then means the same from any working directory
+    dist = distributed.start(recipe.train.device, recipe.train.fsdp)  # before the device: each rank owns one
     placement = place(recipe)  # once, before anything is loaded: device and precision for the whole run
     allocator = "glibc default"
     if recipe.train.release_memory and placement.device.type == "cpu":
         allocator = return_freed_memory()  # before the model and data take memory
     out = Path(recipe.output.dir)
-    plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    task = get_task(recipe.task)
-    try:
-        train_split, eval_split = load_splits(recipe, task)  # before the model: bad data fails fast
-    except DataError as exc:
-        (out / "data_report.json").write_text(json.dumps({"error": str(exc)}, indent=2), encoding="utf-8")
-        raise
-    while True:
-        try:
-            metrics = _train_and_evaluate(recipe, placement, task, train_split, eval_split, out, plan)
-            break
-        except OutOfMemory as exc:
-            if not recipe.train.auto_batch_size or recipe.train.batch_size == 1:
-                raise
-            recipe = _halve_micro_batch(recipe)
-            plan = _retry_plan(plan, out, exc, recipe)
-    metrics["train"]["allocator"] = allocator
-    metrics["wall_seconds_total"] = time.perf_counter() - started
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with _locked(out) if dist.is_main else nullcontext() as lock:
+        plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite) if dist.is_main else None
+        if lock is not None and lock.note:
+            plan.notes.append(lock.note)
+        plan = dist.broadcast(plan)  # every rank resumes from the same checkpoint
+        job = _Job(recipe, placement, out, plan, dist)
+        with dist.lost_ranks_as_errors():
+            metrics = _run_locked(job, allow_data_change)
+        metrics["train"]["allocator"] = allocator
+        metrics["wall_seconds_total"] = time.perf_counter() - started
+        job.write_json("metrics.json", metrics)
     return metrics
 
 
-def _train_and_evaluate(recipe: Recipe, placement: Placement, task: Any, train_split: Split,
-                        eval_split: Split | None, out: Path, plan: rundir.Plan) -> dict[str, Any]:
+@contextmanager
+def _locked(out: Path) -> Iterator[RunLock]:
+    """The run folder's lock; a folder that cannot be created or written is a message, not a traceback."""
+    lock = RunLock(out)
+    try:
+        lock.__enter__()
+    except OSError as exc:
+        raise WriteFailed(writes.describe_failure(out, "the run folder", exc, "Choose another output.dir")) from None
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+@dataclass
+class _Job:
+    """One run as every rank sees it; only rank 0 writes the run folder."""
+
+    recipe: Recipe
+    placement: Placement
+    out: Path
+    plan: rundir.Plan
+    dist: Dist
+
+    def write(self, name: str, write: Any, hint: str = RESUME_HINT) -> None:
+        if self.dist.is_main:
+            writes.atomic_write(self.out / name, name, write, hint)
+
+    def write_json(self, name: str, value: Any, hint: str = RESUME_HINT) -> None:
+        self.write(name, lambda p: p.write_text(json.dumps(value, indent=2), encoding="utf-8"), hint)
+
+
+def _run_locked(job: _Job, allow_data_change: bool) -> dict[str, Any]:
+    task = get_task(job.recipe.task)
+    try:
+        train_split, eval_split = load_splits(job.recipe, task)  # before the model: bad data fails fast
+    except DataError as exc:
+        job.write_json("data_report.json", {"error": str(exc)}, "")
+        raise
+    data = fingerprint(train_split, job.recipe.data.train)
+    rundir.check_data(job.plan, data, allow_data_change)
+    while True:
+        try:
+            return _train_and_evaluate(job, task, (train_split, eval_split), data)
+        except OutOfMemory as exc:
+            if not job.recipe.train.auto_batch_size or job.recipe.train.batch_size == 1:
+                raise
+            job.recipe = _halve_micro_batch(job.recipe)
+            job.plan = _retry_plan(job.plan, job.out, exc, job.recipe)
+
+
+def _train_and_evaluate(job: _Job, task: Any, splits: tuple[Split, Split | None], data: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """Build, train (ending with a checkpoint of the last step), save the weights, then evaluate: a crash after
+    training never trains again."""
+    recipe, out, dist = job.recipe, job.out, job.dist
+    train_split, eval_split = splits
     num_labels = task.num_labels(recipe.data, train_split, eval_split) if recipe.task == "classification" else None
-    (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+    job.write("recipe.yaml", lambda p: p.write_text(dump_recipe(recipe), encoding="utf-8"))
     set_seed(recipe.train.seed)  # before build: LoRA and classifier heads are initialised there
-    snapshot = out / "memory_snapshot.pickle" if recipe.train.memory_snapshot else None
-    monitor = MemoryMonitor(placement.device, snapshot=snapshot)
+    snapshot = out / "memory_snapshot.pickle" if recipe.train.memory_snapshot and dist.is_main else None
+    monitor = MemoryMonitor(job.placement.device, snapshot=snapshot)
     with monitor:
         with monitor.phase("model_load"):
-            built = build(recipe, placement, num_labels=num_labels)
+            built = build(recipe, job.placement, num_labels=num_labels, source_path=_source(recipe, dist))
         encoded = _encode(task, train_split, built, recipe)
         data_report = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
-        (out / "data_report.json").write_text(json.dumps(data_report, indent=2), encoding="utf-8")
+        job.write_json("data_report.json", data_report)
         metrics: dict[str, Any] = {"task": recipe.task, "method": recipe.method, "model": recipe.model.source,
                                    "quantization": recipe.model.quantization}
         if recipe.eval.baseline and eval_split is not None:
             with monitor.phase("evaluation"):
-                metrics["baseline_eval"], _ = task.evaluate(built.model, built.tokenizer, eval_split.examples,
-                                                            recipe, built.device)
+                metrics["baseline_eval"] = _baseline(job, task, built, eval_split)
         trainable, total = count_params(built.model)
-        stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id, causal=task.causal,
-                      precision=placement.precision, monitor=monitor, log_path=out / "train_log.jsonl",
-                      checkpointing=Checkpointing(out / "checkpoints", recipe, resume=plan.resume))
-        if eval_split is not None:
-            with monitor.phase("evaluation"):
-                metrics["eval"], predictions = evaluate_timed(task, built.model, built.tokenizer,
-                                                              eval_split.examples, recipe, built.device)
-            write_jsonl(out / "predictions.jsonl", predictions)
+        trackers = Trackers(recipe.output.report_to, out.name, out / "trackers") \
+            if recipe.output.report_to and dist.is_main else None
+        try:
+            stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id,
+                          causal=task.causal, precision=job.placement.precision, monitor=monitor,
+                          log_path=out / "train_log.jsonl", dist=dist, trackers=trackers,
+                          checkpointing=Checkpointing(out / "checkpoints", recipe, resume=job.plan.resume, data=data))
+        finally:
+            if trackers:
+                trackers.finish()
         if recipe.output.save_model:
             with monitor.phase("save"):
-                _save(built, out)
+                _save(built, out, dist)
+        if eval_split is not None:
+            with monitor.phase("evaluation"), dist.unsharded():
+                metrics["eval"], predictions = evaluate_timed(task, built.model, built.tokenizer,
+                                                              eval_split.examples, recipe, built.device,
+                                                              Dist() if dist.fsdp else dist)
+            job.write("predictions.jsonl", lambda p: write_jsonl(p, predictions))
     memory = monitor.report()
     stats.update(trainable_params=trainable, total_params=total, peak_memory_mib=memory["peak_mib"],
                  peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
-                 memory_breakdown=memory["breakdown"],
+                 memory_breakdown=memory["breakdown"], processes=dist.describe(),
                  device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
-    metrics["loss_path"] = stats.pop("loss_path")
-    metrics["train"] = stats
-    metrics["data"] = data_report
-    metrics["run"] = rundir.record(plan)
-    metrics["versions"] = versions()
-    (out / "memory.json").write_text(json.dumps(memory, indent=2), encoding="utf-8")
+    stats["ranks"] = dist.gather({"rank": dist.rank, "peak_memory_mib": memory["peak_mib"],
+                                  "tokens_per_second": stats.pop("rank_tokens_per_second")})
+    metrics.update(loss_path=stats.pop("loss_path"), train=stats, data=data_report, run=rundir.record(job.plan),
+                   versions=versions())
+    metrics["data"]["train"]["fingerprint"] = data
+    job.write_json("memory.json", memory)
     return metrics
+
+
+def _source(recipe: Recipe, dist: Dist) -> str:
+    """The model's local source, resolved (fetched, converted) by rank 0 first, then read from its cache by the
+    other ranks: no two processes convert the same GGUF file at once."""
+    if not dist.is_main:
+        dist.barrier()
+    path = resolve_source(recipe.model.source, recipe.model.allow_pickle)
+    if dist.is_main:
+        dist.barrier()
+    return path
+
+
+def _baseline(job: _Job, task: Any, built: Built, split: Split) -> dict[str, Any]:
+    """The untrained model's scores; kept in baseline_eval.json so that a resumed run does not evaluate twice."""
+    path = job.out / "baseline_eval.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    scores, _ = evaluate_timed(task, built.model, built.tokenizer, split.examples, job.recipe, built.device,
+                               Dist() if job.dist.fsdp else job.dist)
+    job.write_json("baseline_eval.json", scores)
+    return scores
 
 
 def _halve_micro_batch(recipe: Recipe) -> Recipe:
@@ -136,6 +223,7 @@ def _encode(task: Any, split: Any, built: Built, recipe: Recipe) -> list[dict[st
         if item is None:
             split.skip(f"longer than data.max_length ({recipe.data.max_length} tokens)", example.get("id"))
         else:
+            split.truncated += bool(item.pop("truncated", False))
             kept.append(example)
             encoded.append(item)
     split.examples = kept
@@ -144,11 +232,21 @@ def _encode(task: Any, split: Any, built: Built, recipe: Recipe) -> list[dict[st
     return encoded
 
 
-def _save(built: Built, out: Path) -> None:
-    """The adapter (PEFT format) for lora/qlora, else the full weights (safetensors), plus the tokenizer."""
+def _save(built: Built, out: Path, dist: Dist) -> None:
+    """The adapter (PEFT format) for lora/qlora, else the full weights (safetensors), plus the tokenizer; written
+    by rank 0 under a temporary name and renamed, after the last checkpoint (FSDP: every rank gathers first)."""
+    state = sharding.full_model(built.model) if dist.fsdp else None
+    if not dist.is_main:
+        return
     folder = out / ("adapter" if hasattr(built.model, "peft_config") else "model")
-    built.model.save_pretrained(folder)
-    built.tokenizer.save_pretrained(folder)
+
+    def write(staging: Path) -> None:
+        built.model.save_pretrained(staging, **({"state_dict": state} if state is not None else {}))
+        built.tokenizer.save_pretrained(staging)
+
+    writes.atomic_write(folder, f"the trained weights ({folder.name}/)", write,
+                        "The last step's checkpoint is intact: free disk space, then run the same command with "
+                        "--resume; no step is trained again")
 
 
 def _describe_device(device: torch.device) -> str:
@@ -179,4 +277,6 @@ def summary(metrics: dict[str, Any]) -> str:
         if report and report["skipped"]:
             reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped"].items())
             lines.append(f"data.{name}: {report['used']} examples used, skipped: {reasons}")
+        if report and report.get("truncated"):
+            lines.append(f"data.{name}: {report['truncated']} examples truncated to data.max_length")
     return "\n".join(lines)

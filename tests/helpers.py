@@ -6,6 +6,9 @@ import copy
 import hashlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "lite_ft" / "assets"
+
+
+def cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`python -m lite_ft ARGS` in a child process (one thread, this checkout on PYTHONPATH), stderr captured."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    return subprocess.Popen([sys.executable, "-m", "lite_ft", *args], cwd=cwd, env=full,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(out: Path) -> int:
+    """Steps logged so far in out/train_log.jsonl (0 before the file exists)."""
+    log = out / "train_log.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -34,6 +34,8 @@ COLUMNS: dict[str, str] = {
     "accuracy / macro_f1": "classification: accuracy and macro-averaged F1 on the eval data, percent",
     "eval_examples_per_second": "evaluation speed (batched greedy decoding for qa)",
     "wall_seconds": "the method's whole run, model loading and evaluation included",
+    "processes": "processes the method trained on (--nproc); tokens/s is their total",
+    "rank_peak_memory_mib": "with several processes: each rank's peak memory, MiB, rank 0 first",
     "error": "why a failed method failed",
 }
 _PARTS = {"trainable_mib": "trainable parameters", "gradients_mib": "gradients", "optimizer_mib": "optimizer state",
@@ -86,6 +88,8 @@ def table_rows(record: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # per-rank figures
+        return " / ".join(_fmt(v) for v in value)
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     if isinstance(value, int) and value >= 10_000:

@@ -49,11 +49,12 @@ class BenchPlan:
     steps: int
     out: Path
     methods: list[MethodPlan] = field(default_factory=list)
+    nproc: int = 1  # processes per method (data parallel)
 
 
 def plan(recipe: str | os.PathLike[str], methods: list[str], steps: int, eval_limit: int | None, out: str | os.PathLike[str],
          overrides: list[str] | tuple[str, ...] = (), method_overrides: list[str] | tuple[str, ...] = (),
-         full_lr: float | None = None) -> BenchPlan:
+         full_lr: float | None = None, nproc: int = 1) -> BenchPlan:
     """Check every method's recipe before anything runs; RecipeError lists all problems at once."""
     problems: list[str] = []
     unknown = [m for m in methods if m not in METHODS]
@@ -65,7 +66,7 @@ def plan(recipe: str | os.PathLike[str], methods: list[str], steps: int, eval_li
     if problems:
         raise RecipeError(problems, "lite-ft bench")
     out_dir = Path(out)
-    result = BenchPlan(Path(recipe), steps, out_dir)
+    result = BenchPlan(Path(recipe), steps, out_dir, nproc=nproc)
     base = load_recipe(recipe, overrides)  # reports the recipe's own problems first, alone
     for name in methods:
         lr = base.train.lr if name != "full" or base.method == "full" else base.train.lr * FULL_LR_FACTOR
@@ -117,7 +118,8 @@ def bench(bench_plan: BenchPlan) -> dict[str, Any]:
 def _run_method(method: MethodPlan, bench_plan: BenchPlan, label: str) -> dict[str, Any]:
     """One `lite-ft run` in a subprocess, with a progress bar fed from its train_log.jsonl."""
     method.log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lite_ft", "run", str(bench_plan.recipe), *method.overrides, "--overwrite"]
+    cmd = [sys.executable, "-m", "lite_ft", "run", str(bench_plan.recipe), *method.overrides, "--overwrite",
+           "--nproc", str(bench_plan.nproc)]
     started = time.perf_counter()
     with open(method.log, "w", encoding="utf-8") as log, \
             tqdm(total=bench_plan.steps, desc=label, unit="step", dynamic_ncols=True) as bar:
@@ -172,4 +174,6 @@ def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
             "final_loss": t["final_loss"], "score_names": list(scores),
             **{k: evaluation.get(k) for k in scores},
             "eval_examples_per_second": evaluation.get("examples_per_second"), "eval_n": evaluation.get("n"),
-            "dtype": t.get("dtype"), "device": t.get("device"), "quantization": metrics.get("quantization")}
+            "dtype": t.get("dtype"), "device": t.get("device"), "quantization": metrics.get("quantization"),
+            "processes": (t.get("processes") or {}).get("world_size", 1),
+            "rank_peak_memory_mib": [r["peak_memory_mib"] for r in t.get("ranks", [])] or None}

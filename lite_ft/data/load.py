@@ -5,6 +5,7 @@ any model is loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -42,6 +43,7 @@ class Split:
     examples: list[dict[str, Any]]
     skipped: Counter = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=dict)  # the first 3 offending rows per reason
+    truncated: int = 0  # examples kept but cut to data.max_length (data.overlong truncate)
 
     def skip_bad(self, row: Any) -> bool:
         """Count `row` and return True if it is a BadRow (unreadable line)."""
@@ -57,7 +59,8 @@ class Split:
             shown.append(str(row)[:200])
 
     def report(self) -> dict[str, Any]:
-        return {"used": len(self.examples), "skipped": dict(self.skipped), "examples_of_skipped": self.samples}
+        return {"used": len(self.examples), "skipped": dict(self.skipped), "truncated": self.truncated,
+                "examples_of_skipped": self.samples}
 
 
 def load_rows(source: str, split: str, what: str) -> list[dict[str, Any] | BadRow]:
@@ -70,6 +73,9 @@ def load_rows(source: str, split: str, what: str) -> list[dict[str, Any] | BadRo
         return _load_local(ASSETS / BUILTIN[name], what)
     path = Path(source).expanduser()
     if path.suffix.lower() in _LOADERS or path.exists():
+        if path.is_dir():
+            raise DataError(f"{what}: {source} is a folder; give a data file in it (.jsonl, .json, .csv or "
+                            ".parquet)")
         if not path.is_file():
             raise DataError(f"{what}: file {source} not found")
         return _load_local(path, what)
@@ -127,6 +133,29 @@ def get_path(row: dict[str, Any], path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+def text_cap(tokenizer: Any, max_length: int) -> int:
+    """Characters that `max_length` tokens can cover at most: max_length x the longest token in the vocabulary.
+    Text past it is cut before tokenizing, so that a 50 MB row costs no more than one that fits."""
+    longest = getattr(tokenizer, "_lite_ft_longest_token", None)
+    if longest is None:
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        setattr(tokenizer, "_lite_ft_longest_token", longest)  # the vocabulary scan costs ~50 ms: once per tokenizer
+    return max_length * max(longest, 1)
+
+
+def fingerprint(split: Split, source: str) -> dict[str, Any]:
+    """What the training examples were: a sha256 over the examples a run trains on (after field mapping and
+    limits, so it catches edited texts and labels whatever the source), with the file's size and mtime when the
+    source is a local file. A resume compares it with its checkpoint's."""
+    digest = hashlib.sha256(json.dumps(split.examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    found: dict[str, Any] = {"source": source, "sha256": digest, "examples": len(split.examples)}
+    path = Path(source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        found.update(size=stat.st_size, mtime=stat.st_mtime)
+    return found
 
 
 def field_value(row: dict[str, Any], cfg: DataConfig, name: str, default: str) -> Any:

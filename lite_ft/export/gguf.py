@@ -1,12 +1,17 @@
-"""GGUF export of a merged Llama-architecture causal LM, written with the `gguf` package (no llama.cpp build),
-plus an Ollama Modelfile; and the round-trip check that reads the file back with transformers.
+"""GGUF file of a merged Llama-architecture causal LM, written with the `gguf` package one tensor at a time, and the
+transformers read-back check used where llama.cpp is not installed.
 
-Layout follows llama.cpp's convert_hf_to_gguf.py for LlamaForCausalLM: llama tensor names, Q/K rows permuted
-for llama.cpp's rotary layout, 1-D tensors (norms) always float32, a gpt2-style (byte-level BPE) vocabulary.
+Layout as llama.cpp loads LlamaForCausalLM: tensor names from gguf's TensorNameMap, Q/K rows permuted for
+llama.cpp's rotary layout, 1-D tensors (norms) always float32, the tokenizer as `gguf_vocab` writes it. Every
+tensor's header entry is laid out before any weight is read; each weight is then fetched (merged), converted and
+appended before the next, so writing holds about one tensor, not the model.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +19,33 @@ import gguf
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
-from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from lite_ft.errors import LiteFTError
+from lite_ft.export.gguf_vocab import add_tokenizer, pre_tokenizer, tokenizer_json
 from lite_ft.export.verify import compare
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
-# Round-trip bound, as a fraction of the logit scale: f32 stores the weights exactly (only the reading path
-# differs); f16 rounds each weight to 11 significant bits; q8_0 stores blocks of 32 weights as int8 with one
-# scale (~0.4% per weight, more on outliers).
-TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 1.5e-1}
 FILE = "model.gguf"
-_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+WRITTEN_TYPES = ("f32", "f16", "q8_0")  # written here; the k-quants come from llama.cpp's quantizer (llama_cpp.py)
+# Round-trip bound of the transformers read-back, as a fraction of the logit scale: f32 stores the weights exactly;
+# f16 rounds each weight to 11 significant bits; q8_0 stores blocks of 32 weights as int8 with one scale.
+TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "q8_0": 1.5e-1}
+_FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+_Q8 = gguf.GGMLQuantizationType.Q8_0
 
 
-def check_supported(config: Any, tokenizer: Any, task: str) -> None:
-    """LiteFTError, before anything is written, for what this writer cannot export faithfully."""
+@dataclass(frozen=True)
+class Tensors:
+    """The weights to write, fetched one at a time: transformers names and shapes in file order, and a function
+    that returns one of them (merged, if it has a LoRA update) as a float32 tensor."""
+
+    shapes: dict[str, tuple[int, ...]]
+    get: Callable[[str], torch.Tensor]
+
+
+def check_supported(config: Any, tokenizer: Any, task: str, source: Path | None) -> dict[str, Any]:
+    """LiteFTError, before anything is written, for what this writer cannot export faithfully; else the
+    pre-tokenizer to write (gguf_vocab.pre_tokenizer)."""
     fix = "; use --format safetensors for this model"
     if task == "classification" or getattr(config, "model_type", None) != "llama":
         raise LiteFTError(f"GGUF export supports Llama-architecture causal LMs only (model_type llama, not "
@@ -42,47 +55,94 @@ def check_supported(config: Any, tokenizer: Any, task: str) -> None:
     if rope != "default" or any(biases):
         raise LiteFTError(f"GGUF export writes plain Llama layers; this model uses rope type {rope!r}, "
                           f"attention_bias {biases[0]}, mlp_bias {biases[1]}{fix}")
-    model = _tokenizer_json(tokenizer)
-    kinds = json.dumps(model.get("pre_tokenizer"))
-    if model["model"]["type"] != "BPE" or '"ByteLevel"' not in kinds:
+    spec = tokenizer_json(tokenizer)
+    kinds = json.dumps(spec.get("pre_tokenizer"))
+    if spec["model"]["type"] != "BPE" or '"ByteLevel"' not in kinds or spec["model"].get("byte_fallback"):
         raise LiteFTError("GGUF export writes gpt2-style tokenizers (byte-level BPE, as SmolLM2, Llama 3 and Qwen "
-                          f"use); this tokenizer is {model['model']['type']} with pre-tokenizer {kinds[:80]}{fix}")
+                          f"use); this tokenizer is {spec['model']['type']} with pre-tokenizer {kinds[:80]}{fix}")
     if len(tokenizer) > config.vocab_size:
         raise LiteFTError(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
                           f"embeddings{fix}")
+    return pre_tokenizer(tokenizer, source, config.vocab_size)
 
 
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise LiteFTError("GGUF export needs a fast (tokenizers) tokenizer; use --format safetensors")
-    return json.loads(backend.to_str())
-
-
-def write(model: torch.nn.Module, tokenizer: Any, folder: Path, gguf_type: str, name: str) -> dict[str, Any]:
-    """Write folder/model.gguf and folder/Modelfile; return what was written."""
-    config = model.config
-    writer = gguf.GGUFWriter(str(folder / FILE), "llama")
+def write(tensors: Tensors, config: Any, tokenizer: Any, path: Path, gguf_type: str, name: str,
+          pre: dict[str, Any]) -> dict[str, Any]:
+    """Write the GGUF file at `path` in `gguf_type` (f32, f16, q8_0); return what was written."""
+    writer = gguf.GGUFWriter(str(path), "llama")
     _add_hyperparameters(writer, config, name, gguf_type)
-    notes = _add_tokenizer(writer, tokenizer, config.vocab_size)
-    fallbacks = _add_tensors(writer, model, gguf_type)
+    vocab = add_tokenizer(writer, tokenizer, config.vocab_size, pre)
+    layout = _layout(tensors, config, gguf_type)
+    for entry in layout:
+        writer.add_tensor_info(entry.name, entry.byte_shape, np.dtype(np.uint8) if entry.qtype == _Q8 else
+                               np.dtype(entry.numpy), entry.nbytes, raw_dtype=entry.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for entry in layout:
+        writer.write_tensor_data(_converted(tensors.get(entry.hf_name), entry, heads, kv_heads))
     writer.close()
-    (folder / "Modelfile").write_text(modelfile(tokenizer), encoding="utf-8")
-    return {"file": FILE, "type": gguf_type, "bytes": (folder / FILE).stat().st_size, "modelfile": "Modelfile",
-            "tolerance_relative": TOLERANCE[gguf_type], "kept_f16_for_q8_0": fallbacks, "notes": notes}
+    kept = [e.name for e in layout if gguf_type == "q8_0" and e.qtype == gguf.GGMLQuantizationType.F16]
+    return {"file": path.name, "type": gguf_type, "bytes": path.stat().st_size, "tensors": len(layout),
+            "kept_f16_for_q8_0": kept, "tokenizer": vocab}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    hf_name: str
+    name: str  # llama.cpp's
+    qtype: Any  # GGMLQuantizationType
+    numpy: Any  # numpy dtype written
+    byte_shape: tuple[int, ...]
+    nbytes: int
+
+
+def _layout(tensors: Tensors, config: Any, gguf_type: str) -> list[_Entry]:
+    """Every tensor's llama.cpp name, type and size, from the shapes alone. A tied head is not written:
+    llama.cpp reuses token_embd when output.weight is absent."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    out = []
+    for hf_name, shape in tensors.shapes.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise LiteFTError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this is not a plain Llama "
+                              "model, use --format safetensors")
+        if len(shape) == 1 or gguf_type == "f32":
+            qtype, dtype = gguf.GGMLQuantizationType.F32, np.float32
+        elif gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[_Q8][0] == 0:
+            qtype, dtype = _Q8, np.uint8
+        else:  # f16, and q8_0 tensors whose rows are not whole blocks of 32
+            qtype, dtype = gguf.GGMLQuantizationType.F16, np.float16
+        byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, qtype)) if qtype == _Q8 else tuple(shape)
+        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        out.append(_Entry(hf_name, name, qtype, dtype, byte_shape, nbytes))
+    return out
+
+
+def _converted(tensor: torch.Tensor, entry: _Entry, heads: int, kv_heads: int) -> np.ndarray:
+    """One weight as llama.cpp stores it: Q/K rows permuted, cast or quantized to the entry's type."""
+    data = tensor.detach().to(torch.float32).cpu().numpy()
+    if entry.name.endswith("attn_q.weight"):
+        data = permute(data, heads, heads)
+    elif entry.name.endswith("attn_k.weight"):
+        data = permute(data, heads, kv_heads)
+    data = np.ascontiguousarray(data)
+    if entry.qtype == _Q8:
+        return gguf.quants.quantize(data, _Q8)
+    return data.astype(entry.numpy, copy=False)
 
 
 def _add_hyperparameters(writer: Any, config: Any, name: str, gguf_type: str) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     writer.add_name(name)
-    writer.add_file_type(file_type)
+    writer.add_file_type(_FILE_TYPE[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -98,94 +158,10 @@ def _add_hyperparameters(writer: Any, config: Any, name: str, gguf_type: str) ->
         writer.add_value_length(head_dim)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> list[str]:
-    """gpt2-style vocabulary: byte-level token strings by id (unused ids padded), types, merges, special ids."""
-    spec = _tokenizer_json(tokenizer)
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {a["id"]: a for a in spec.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        kind = gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.NORMAL
-        if i in added:
-            kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
-        types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    pre, notes = _pre_tokenizer_name(spec.get("pre_tokenizer"))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token_id, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                          ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        value = getattr(tokenizer, f"{token_id}_token_id", None)
-        if value is not None:
-            add(int(value))
-    bos = tokenizer.bos_token_id
-    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
-    writer.add_add_space_prefix(False)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-    return notes
-
-
-def _pre_tokenizer_name(pre: Any) -> tuple[str, list[str]]:
-    """llama.cpp's name for how text is split before BPE; it matters to llama.cpp, which has no tokenizer.json."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2", []
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm", []  # SmolLM's own split (GPT-2 regex, digits one by one), as llama.cpp names it
-    if kinds[:1] == ["Split"]:
-        pattern = steps[0].get("pattern", {}).get("Regex")
-        names = [n for n, regex in GGUF_PRE_TOKENIZER_SPLITS.items() if regex == pattern]
-        if names:
-            return names[0], []
-    return "default", [f"pre-tokenizer {kinds} not recognised: written as 'default'; llama.cpp may split text "
-                       "slightly differently from transformers"]
-
-
-def _add_tensors(writer: Any, model: torch.nn.Module, gguf_type: str) -> list[str]:
-    """Every weight under its llama.cpp name and type; returns the tensors kept in f16 because q8_0 needs rows
-    of a multiple of 32 values."""
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    fallbacks = []
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
-        name = gguf_name(hf_name)
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if name.endswith("attn_q.weight"):
-            data = permute(data, heads, heads)
-        elif name.endswith("attn_k.weight"):
-            data = permute(data, heads, kv_heads)
-        if data.ndim == 1 or gguf_type == "f32":
-            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        elif gguf_type == "q8_0" and data.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            if gguf_type == "q8_0":
-                fallbacks.append(name)
-            writer.add_tensor(name, data.astype(np.float16))
-    return fallbacks
-
-
-def gguf_name(hf_name: str) -> str:
-    """transformers Llama parameter name -> llama.cpp tensor name (model.layers.3.mlp.up_proj.weight ->
-    blk.3.ffn_up.weight)."""
-    stem, _, suffix = hf_name.rpartition(".")
-    if stem in _TOP:
-        return f"{_TOP[stem]}.{suffix}"
-    parts = stem.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _LAYER:
-        return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:])]}.{suffix}"
-    raise LiteFTError(f"GGUF export: no llama.cpp name for tensor {hf_name}; this is not a plain Llama model, use "
-                      "--format safetensors")
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each type a GGUF file holds (llama.cpp's k-quants fall back to other types for rows
+    that are not whole blocks of 256)."""
+    return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
 
 
 def permute(weights: np.ndarray, n_head: int, n_kv_head: int) -> np.ndarray:
@@ -197,47 +173,14 @@ def permute(weights: np.ndarray, n_head: int, n_kv_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def modelfile(tokenizer: Any) -> str:
-    """An Ollama Modelfile: FROM the GGUF, the chat template in Go-template form, stop at end-of-turn tokens."""
-    template = _go_template(tokenizer)
-    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t in template]
-    stops = list(dict.fromkeys([t for t in [tokenizer.eos_token, *specials] if t]))
-    lines = [f"FROM ./{FILE}", "", f'TEMPLATE """{template}"""', ""]
-    lines += [f"PARAMETER stop {json.dumps(t)}" for t in stops]
-    return "\n".join(lines) + "\n"
-
-
-def _go_template(tokenizer: Any) -> str:
-    """Render the Jinja chat template with marker messages and put Ollama's {{ .System }} / {{ .Prompt }} where
-    the markers land: exact for ChatML and other fixed-layout templates, whatever their default system text."""
-    if not isinstance(getattr(tokenizer, "chat_template", None), str):
-        return "{{ .Prompt }}"
-
-    def render(messages: list[dict[str, str]]) -> str | None:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # a template may refuse a system turn; jinja raises many types
-            return None
-
-    user = render([{"role": "user", "content": "\x01PROMPT\x01"}])
-    both = render([{"role": "system", "content": "\x01SYSTEM\x01"}, {"role": "user", "content": "\x01PROMPT\x01"}])
-    if user is None or "\x01PROMPT\x01" not in user or "{{" in user:
-        return "{{ .Prompt }}"
-
-    def go(text: str) -> str:
-        return text.replace("\x01PROMPT\x01", "{{ .Prompt }}").replace("\x01SYSTEM\x01", "{{ .System }}")
-    if both is None or "\x01SYSTEM\x01" not in both:
-        return go(user)
-    return "{{ if .System }}" + go(both) + "{{ else }}" + go(user) + "{{ end }}"
-
-
 def load(folder: Path) -> torch.nn.Module:
     """The GGUF read back with transformers (dequantized to float32), as any user would load it."""
     return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=FILE, dtype=torch.float32).eval()
 
 
 def check_roundtrip(merged: list[torch.Tensor], read_back: list[torch.Tensor], gguf_type: str) -> dict[str, Any]:
-    """Logits of the GGUF read back against the merged model; LiteFTError beyond TOLERANCE[gguf_type]."""
+    """Logits of the GGUF read back with transformers against the merged model; LiteFTError beyond
+    TOLERANCE[gguf_type]."""
     figures = compare(merged, read_back)
     bound = TOLERANCE[gguf_type] * figures["logit_scale"]
     if figures["max_abs_diff"] > bound:

@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 
-from transformers import AutoConfig
-
 from lite_ft.errors import LiteFTError
-from lite_ft.export import gguf, streaming
+from lite_ft.export import gguf_export, streaming
 from lite_ft.export.record import write_record
 from lite_ft.export.run_folder import CPU, RunInfo, inspect_run, load_plain, load_trained
 from lite_ft.export.verify import compare_weights, logits, verification_inputs, verify
@@ -46,8 +44,7 @@ def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: s
     target = Path(out).expanduser()
     replaced = _check_out(target, run.folder)
     tokenizer = load_tokenizer(str(run.weights), run.recipe)
-    if fmt == "gguf":
-        gguf.check_supported(_config(run), tokenizer, run.recipe.task)  # before anything is written
+    prepared = gguf_export.prepare(run, tokenizer, gguf_type) if fmt == "gguf" else {}  # before anything is written
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
@@ -56,7 +53,7 @@ def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: s
     try:
         staging.mkdir()
         with monitor:
-            record = _export(run, staging, tokenizer, dtype, fmt, gguf_type, prompts, monitor, strategy)
+            record = _export(run, staging, tokenizer, dtype, fmt, gguf_type, prompts, monitor, strategy, prepared)
         phases = {k: round(v["peak_mib"], 1) for k, v in monitor.phases.items()}
         # The merge step alone (in memory: loading, merging and saving); the whole peak includes verification,
         # which loads the adapter model and the export, one after the other.
@@ -75,7 +72,7 @@ def merge(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], dtype: s
 def _check_choices(dtype: str, fmt: str, gguf_type: str, strategy: str) -> None:
 
     for name, value, choices in (("dtype", dtype, DTYPES), ("format", fmt, FORMATS),
-                                 ("gguf type", gguf_type, gguf.GGUF_TYPES), ("strategy", strategy, STRATEGIES)):
+                                 ("gguf type", gguf_type, gguf_export.GGUF_TYPES), ("strategy", strategy, STRATEGIES)):
         if value not in choices:
             raise LiteFTError(f"{name} {value!r} is not one of {', '.join(choices)}")
 
@@ -95,15 +92,13 @@ def _check_out(out: Path, run_folder: Path) -> bool:
     return False
 
 
-def _config(run: RunInfo) -> Any:
-
-    return AutoConfig.from_pretrained(run.base_path, trust_remote_code=run.recipe.model.trust_remote_code)
-
-
 def _export(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, gguf_type: str, prompts: int,
-            monitor: Any, strategy: str) -> dict[str, Any]:
+            monitor: Any, strategy: str, prepared: dict[str, Any]) -> dict[str, Any]:
     """Reference logits, merge, write, reload, compare. Returns the record without the run's own facts."""
     inputs = verification_inputs(run.recipe, tokenizer, prompts)
+    if fmt == "gguf":
+        return gguf_export.export(run, staging, tokenizer, gguf_type, prepared, inputs, monitor, strategy,
+                                  lambda ids: _quantized_reference(run, tokenizer, ids, monitor))
     plan, why = _streaming_plan(run, fmt, strategy)
     if plan is not None:
         return _export_streaming(run, plan, staging, tokenizer, dtype, inputs, monitor)
@@ -168,7 +163,7 @@ def _export_streaming(run: RunInfo, plan: Any, staging: Path, tokenizer: Any, dt
 def _export_in_memory(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, fmt: str, gguf_type: str,
                       inputs: tuple[list[list[int]], str], refs: dict[str, list[torch.Tensor]],
                       monitor: Any) -> dict[str, Any]:
-    """The whole base in float32 with peft's merge_and_unload (and every full run and GGUF export)."""
+    """The whole base in float32 with peft's merge_and_unload (and every full run), saved as safetensors."""
 
     ids, prompt_source = inputs
     with monitor.phase("merge"):
@@ -177,30 +172,18 @@ def _export_in_memory(run: RunInfo, staging: Path, tokenizer: Any, dtype: str, f
         merged = model.merge_and_unload() if run.is_adapter else model
         del model
         _check_no_lora(merged)
-    check_dtype = dtype if fmt == "safetensors" else "float32"  # a GGUF is checked against the float32 merge
-    record: dict[str, Any] = {"format": fmt, "dtype": dtype if fmt == "safetensors" else gguf_type,
-                              "merge_strategy": _strategy(run, fmt, dtype, gguf_type)}
-    if fmt == "safetensors":
-        with monitor.phase("save"):
-            _save(merged.to(getattr(torch, dtype)), tokenizer, staging)
-            del merged
-            gc.collect()
-        with monitor.phase("verify"):
-            reloaded = load_plain(staging, run)
-            got = logits(reloaded, ids)
-            del reloaded
-        record["verification"] = verify(refs, got, check_dtype, prompt_source, len(ids))
-        if not run.is_adapter:
-            record["verification"]["weights"] = compare_weights(run.weights, staging)
-        return record
-    got = logits(merged, ids)
-    record["verification"] = verify(refs, got, check_dtype, prompt_source, len(ids))  # before the slow part
-    with monitor.phase("gguf"):
-        record["gguf"] = gguf.write(merged, tokenizer, staging, gguf_type, run.folder.name)
+    record: dict[str, Any] = {"format": fmt, "dtype": dtype, "merge_strategy": _strategy(run, fmt, dtype, gguf_type)}
+    with monitor.phase("save"):
+        _save(merged.to(getattr(torch, dtype)), tokenizer, staging)
         del merged
         gc.collect()
-        back = logits(gguf.load(staging), ids)
-    record["gguf"]["roundtrip"] = gguf.check_roundtrip(got, back, gguf_type)
+    with monitor.phase("verify"):
+        reloaded = load_plain(staging, run)
+        got = logits(reloaded, ids)
+        del reloaded
+    record["verification"] = verify(refs, got, dtype, prompt_source, len(ids))
+    if not run.is_adapter:
+        record["verification"]["weights"] = compare_weights(run.weights, staging)
     return record
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lite_ft.errors import LiteFTError
+from lite_ft.export.gguf_check import card_section
 from lite_ft.sources.resolve import resolve_source
 from lite_ft.util import sha256_file, versions
 
@@ -74,10 +75,7 @@ def model_card(r: dict[str, Any]) -> str:
             lines.append(f"| {name[8:].replace('_', ' ')} | {f['max_abs_diff']:.3g} | {f['mean_abs_diff']:.3g} | "
                          f"{f['logit_scale']:.3g} | {100 * f['greedy_agreement']:.1f}% |")
     if r.get("gguf"):
-        g = r["gguf"]["roundtrip"]
-        lines += ["", f"GGUF read back with transformers against the merged float32 model: max abs diff "
-                  f"{g['max_abs_diff']:.3g}, greedy agreement {100 * g['greedy_agreement']:.1f}% (bound "
-                  f"{r['gguf']['tolerance_relative']:g} x logit scale)."]
+        lines += ["", *card_section(r["gguf"])]
     scores = r["run_metrics"].get("eval")
     if scores:
         shown = ", ".join(f"{k} {val:.2f}" if isinstance(val, float) else f"{k} {val}" for k, val in scores.items())

@@ -241,33 +241,42 @@ def _describe(hint: Any) -> str:
     return names.get(hint, str(hint))
 
 
+# Upper limits a real run can reach, with room to spare; past them a value is a typo (an extra digit or two), and
+# would fail much later, after the model has loaded, with an allocation error.
+MAX_TOKENS = 2**21  # 2M: twice the longest context of current open models (1M)
+MAX_BATCH = 2**16  # examples in one micro-batch or one step's accumulation: far past what fits any accelerator
+MAX_STEPS = 10**8  # a hundred million optimizer steps: years of training at one step per second
+MAX_EPOCHS = 10**4
+MAX_EXAMPLES = 10**10  # more rows than any public fine-tuning set has
+MAX_RANK = 2**14  # LoRA rank: 16k is past the hidden size of the largest open models
+
+
 def _check_ranges(r: Recipe, problems: list[str]) -> None:
+    t, d = r.train, r.data
     rules: list[tuple[str, Any, bool, str]] = [
-        ("lora.r", r.lora.r, r.lora.r >= 1, "use a positive rank such as 8 or 16"),
+        ("lora.r", r.lora.r, 1 <= r.lora.r <= MAX_RANK, f"use a rank from 1 to {MAX_RANK}, commonly 8 or 16"),
         ("lora.alpha", r.lora.alpha, r.lora.alpha > 0, "use a positive number, commonly 2 * r"),
         ("lora.dropout", r.lora.dropout, 0 <= r.lora.dropout < 1, "use a value in [0, 1), e.g. 0.05"),
-        ("train.lr", r.train.lr, 0 < r.train.lr < 1, "use a learning rate such as 2e-4 (LoRA) or 2e-5 (full)"),
-        ("train.batch_size", r.train.batch_size, r.train.batch_size >= 1, "use 1 or more"),
-        ("train.grad_accum", r.train.grad_accum, r.train.grad_accum >= 1, "use 1 or more"),
-        ("train.epochs", r.train.epochs, r.train.epochs > 0, "use a positive number of passes"),
-        ("train.max_steps", r.train.max_steps, r.train.max_steps is None or r.train.max_steps >= 1,
-         "use 1 or more, or leave it unset to train for train.epochs"),
-        ("train.weight_decay", r.train.weight_decay, r.train.weight_decay >= 0, "use 0 or more"),
-        ("train.warmup_ratio", r.train.warmup_ratio, 0 <= r.train.warmup_ratio < 1, "use a value in [0, 1)"),
-        ("train.max_grad_norm", r.train.max_grad_norm, r.train.max_grad_norm >= 0, "use 0 (off) or more"),
-        ("train.log_every", r.train.log_every, r.train.log_every >= 1, "use 1 or more"),
-        ("train.save_every", r.train.save_every, r.train.save_every >= 0, "use 0 (only on Ctrl-C) or more"),
-        ("train.keep_checkpoints", r.train.keep_checkpoints, r.train.keep_checkpoints >= 1, "use 1 or more"),
-        ("train.skip_nonfinite", r.train.skip_nonfinite, r.train.skip_nonfinite >= 0, "use 0 or more"),
-        ("data.max_length", r.data.max_length, r.data.max_length >= 16, "use 16 tokens or more"),
-        ("data.limit_train", r.data.limit_train, r.data.limit_train is None or r.data.limit_train >= 1,
-         "use 1 or more, or leave it unset for all examples"),
-        ("data.holdout", r.data.holdout, r.data.holdout is None or r.data.holdout >= 1,
-         "use 1 or more, or leave it unset"),
-        ("data.limit_eval", r.data.limit_eval, r.data.limit_eval is None or r.data.limit_eval >= 1,
-         "use 1 or more, or leave it unset for all examples"),
-        ("eval.batch_size", r.eval.batch_size, r.eval.batch_size >= 1, "use 1 or more"),
-        ("eval.max_new_tokens", r.eval.max_new_tokens, r.eval.max_new_tokens >= 1, "use 1 or more"),
+        ("train.lr", t.lr, 0 < t.lr < 1, "use a learning rate such as 2e-4 (LoRA) or 2e-5 (full)"),
+        ("train.batch_size", t.batch_size, 1 <= t.batch_size <= MAX_BATCH, f"use 1 to {MAX_BATCH}"),
+        ("train.grad_accum", t.grad_accum, 1 <= t.grad_accum <= MAX_BATCH, f"use 1 to {MAX_BATCH}"),
+        ("train.epochs", t.epochs, 0 < t.epochs <= MAX_EPOCHS,
+         f"use a positive number of passes, at most {MAX_EPOCHS}"),
+        ("train.max_steps", t.max_steps, t.max_steps is None or 1 <= t.max_steps <= MAX_STEPS,
+         f"use 1 to {MAX_STEPS:,}, or leave it unset to train for train.epochs"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "use 0 or more"),
+        ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "use a value in [0, 1)"),
+        ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, "use 0 (off) or more"),
+        ("train.log_every", t.log_every, 1 <= t.log_every <= MAX_STEPS, "use 1 or more"),
+        ("train.save_every", t.save_every, 0 <= t.save_every <= MAX_STEPS, "use 0 (only on Ctrl-C or SIGTERM) or more"),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1 <= t.keep_checkpoints <= 10**6, "use 1 or more"),
+        ("train.skip_nonfinite", t.skip_nonfinite, t.skip_nonfinite >= 0, "use 0 or more"),
+        ("data.max_length", d.max_length, 16 <= d.max_length <= MAX_TOKENS, f"use 16 to {MAX_TOKENS:,} tokens"),
+        *[(f"data.{k}", v, v is None or 1 <= v <= MAX_EXAMPLES, "use 1 or more, or leave it unset")
+          for k, v in (("limit_train", d.limit_train), ("holdout", d.holdout), ("limit_eval", d.limit_eval))],
+        ("eval.batch_size", r.eval.batch_size, 1 <= r.eval.batch_size <= MAX_BATCH, f"use 1 to {MAX_BATCH}"),
+        ("eval.max_new_tokens", r.eval.max_new_tokens, 1 <= r.eval.max_new_tokens <= MAX_TOKENS,
+         f"use 1 to {MAX_TOKENS:,}"),
     ]
     for key, value, ok, fix in rules:
         if not ok:

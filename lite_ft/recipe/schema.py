@@ -13,120 +13,134 @@ Method = Literal["full", "lora", "qlora"]
 Quantization = Literal["none", "8bit", "4bit"]
 
 
+def setting(default: Any = dataclasses.MISSING, *, result: bool, factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe field with its default, declaring whether changing it can change the trained model or the data it
+    sees (`result=True`: a resume with another value is refused) or only speed, memory, logging or evaluation
+    (`result=False`: allowed on resume, and recorded)."""
+    return field(default=default, default_factory=factory, metadata={"result": result})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = "smollm2-135m-instruct"
+    source: str = setting("smollm2-135m-instruct", result=True)
     """Hub id, local model folder, `.gguf` file, or a catalog name (`lite-ft models` lists them)."""
-    quantization: Quantization | None = None
+    quantization: Quantization | None = setting(None, result=True)
     """Base weights: none, 8bit or 4bit (NF4 + double quant). Unset: 4bit for qlora, none otherwise."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", result=True)
     """Compute dtype. auto: bf16 on GPUs that support it, fp32 on CPUs (bf16 is ~400x slower on CPUs without it).
     Full fine-tuning keeps fp32 master weights under 16-bit compute; float16 trains with a gradient scaler."""
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting("auto", result=False)
     """Attention kernel. auto: PyTorch's fused SDPA where the model supports it (on these CPUs about 7x faster and
     ~9x less memory than eager attention at 384 tokens); flash_attention_2 needs the flash-attn package and a GPU."""
-    revision: str | None = None
+    revision: str | None = setting(None, result=True)
     """Hub revision (branch, tag or commit) for Hub ids."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = setting(False, result=True)
     """Run model code shipped with a Hub repo. Off unless you trust the repo."""
-    allow_pickle: bool = False
+    allow_pickle: bool = setting(False, result=False)
     """Allow weights in pickle format (.bin/.pt), which can run arbitrary code when loaded."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "builtin:qa-train"
+    train: str = setting("builtin:qa-train", result=True)
     """Hub dataset id, local .jsonl/.json/.csv/.parquet file, or builtin:NAME (qa-train, qa-eval, ...)."""
-    eval: str | None = None
+    eval: str | None = setting(None, result=False)
     """Same forms as train; unset: the eval split of the train source (Hub ids) or no evaluation."""
-    train_split: str = "train"
-    eval_split: str = "validation"
-    holdout: int | None = None
+    train_split: str = setting("train", result=True)
+    eval_split: str = setting("validation", result=False)
+    holdout: int | None = setting(None, result=True)
     """With no data.eval: hold out this many (seeded random) train rows for evaluation."""
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = setting(factory=dict, result=True)
     """Task field -> column path in the data, e.g. {answers: answers.text, text: sentence}."""
-    labels: list[str] | None = None
+    labels: list[str] | None = setting(None, result=True)
     """Class names for classification, in label-index order; unset: taken from the data."""
-    max_length: int = 512
+    max_length: int = setting(512, result=True)
     """Tokens per example; see overlong for longer ones."""
-    overlong: Literal["auto", "skip", "truncate"] = "auto"
+    overlong: Literal["auto", "skip", "truncate"] = setting("auto", result=True)
     """Examples over max_length: skip them, or truncate them (the text for classification, the response for
     instruction; a qa answer is never cut). auto: truncate for classification, skip otherwise."""
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    system_prompt: str | None = None
+    limit_train: int | None = setting(None, result=True)
+    limit_eval: int | None = setting(None, result=False)
+    system_prompt: str | None = setting(None, result=True)
     """Optional system message for chat-formatted prompts."""
 
 
 @dataclass(frozen=True)
 class LoraSection:
-    r: int = 16
+    r: int = setting(16, result=True)
     """Rank: higher adds capacity, memory and compute."""
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+    alpha: float = setting(32.0, result=True)
+    dropout: float = setting(0.05, result=True)
+    target_modules: str | list[str] = setting("all-linear", result=True)
     """Module names to adapt, or all-linear (every linear layer but the output head)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int | None = None
+    max_steps: int | None = setting(None, result=True)
     """Optimizer steps; unset: run `epochs` passes over the data."""
-    epochs: float = 1.0
-    batch_size: int = 8
+    epochs: float = setting(1.0, result=True)
+    batch_size: int = setting(8, result=False)
     """Examples per forward pass (micro-batch)."""
-    grad_accum: int = 1
+    grad_accum: int = setting(1, result=False)
     """Micro-batches per optimizer step; effective batch = batch_size * grad_accum. Only the effective batch decides
     what a step computes: 8 x 1 and 4 x 2 train the same model, 4 x 2 in less memory."""
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    gradient_checkpointing: bool = False
+    lr: float = setting(2e-4, result=True)
+    weight_decay: float = setting(0.0, result=True)
+    warmup_ratio: float = setting(0.05, result=True)
+    scheduler: Literal["cosine", "linear", "constant"] = setting("cosine", result=True)
+    max_grad_norm: float = setting(1.0, result=True)
+    seed: int = setting(0, result=True)
+    gradient_checkpointing: bool = setting(False, result=False)
     """Recompute activations in backward: less memory, roughly 30% more compute."""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", result=True)
     """adamw8bit keeps optimizer state in 8 bits (bitsandbytes): 75% less optimizer memory."""
-    group_by_length: bool = True
+    group_by_length: bool = setting(True, result=True)
     """Batch examples of similar length together so little compute is spent on padding."""
-    log_every: int = 5
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_every: int = 50
+    log_every: int = setting(5, result=False)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", result=False)
+    save_every: int = setting(50, result=False)
     """Checkpoint every this many steps (0: only on Ctrl-C); `lite-ft run --resume` continues from the last."""
-    keep_checkpoints: int = 2
-    skip_nonfinite: int = 0
+    keep_checkpoints: int = setting(2, result=False)
+    skip_nonfinite: int = setting(0, result=False)
     """Micro-batches with a non-finite loss or gradient to skip before stopping the run (0: stop at the first)."""
-    auto_batch_size: bool = False
+    fsdp: bool = setting(False, result=True)
+    """On several processes: shard parameters, gradients and optimizer state with FSDP2 instead of replicating
+    them (DDP), for a model whose full fine-tune does not fit one device. Same result as DDP within rounding; a
+    resume keeps it as it was (the two hold the optimizer state differently)."""
+    auto_batch_size: bool = setting(False, result=False)
     """On CUDA out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch, so
     the same steps), from the failed attempt's last checkpoint."""
-    release_memory: bool = False
+    release_memory: bool = setting(False, result=False)
     """CPU (Linux): hand freed activation memory back to the OS at once instead of keeping it in glibc's heap.
     Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""
-    memory_snapshot: bool = False
+    memory_snapshot: bool = setting(False, result=False)
     """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    baseline: bool = False
+    baseline: bool = setting(False, result=False)
     """Also evaluate the untrained model before training."""
-    batch_size: int = 16
-    max_new_tokens: int = 32
+    batch_size: int = setting(16, result=False)
+    max_new_tokens: int = setting(32, result=False)
     """Generation budget per answer (qa)."""
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = "runs/latest"
-    save_model: bool = True
+    dir: str = setting("runs/latest", result=False)
+    save_model: bool = setting(True, result=False)
     """Write the adapter (lora/qlora) or the full weights, and the tokenizer."""
+    report_to: list[str] = setting(factory=list, result=False)
+    """Experiment trackers for the training curves, through accelerate: tensorboard, wandb, mlflow (each needs its
+    package). TensorBoard logs go to output.dir/trackers/."""
 
 
 @dataclass(frozen=True)
 class Recipe:
-    task: Task
-    method: Method
+    task: Task = field(metadata={"result": True})
+    method: Method = field(metadata={"result": True})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -136,6 +150,14 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def result_keys() -> tuple[str, ...]:
+    """Dotted keys whose change can alter the result, as the fields declare."""
+    keys = [f.name for f in dataclasses.fields(Recipe) if f.name not in SECTIONS and f.metadata["result"]]
+    keys += [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+             if f.metadata["result"]]
+    return tuple(keys)
 
 
 SECTIONS: dict[str, type] = {

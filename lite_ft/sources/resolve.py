@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -63,9 +64,12 @@ def convert_gguf(path: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (struct.error, EOFError, OSError, IndexError) as exc:  # what a cut-short header or tensor table raises
+        raise LiteFTError(f"model.source: {path.name} is not a complete GGUF file ({type(exc).__name__}: {exc}); "
+                          "it may be cut short by an interrupted download: download it again") from None
     except (ValueError, KeyError, RuntimeError) as exc:
         raise LiteFTError(f"model.source: cannot load {path.name} through transformers' GGUF support ({exc}); "
-                          "its architecture may not be supported there") from None
+                          "its architecture may not be supported there, or the file is damaged") from None
     # The dequantized weights are ordinary tensors; drop the GGUF marker so the folder loads like any other.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

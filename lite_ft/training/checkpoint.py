@@ -21,18 +21,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lite_ft.errors import LiteFTError
-from lite_ft.recipe.schema import SECTIONS, Recipe
+from lite_ft.recipe.schema import SECTIONS, Recipe, result_keys
+from lite_ft.training import sharding, writes
+from lite_ft.training.distributed import launched_world
 from lite_ft.util import sha256_file
 
 MANIFEST = "manifest.json"
-# Keys whose change alters the trained model or the data it sees; changing any of them refuses a resume.
-MATERIAL = ("task", "method", "model.source", "model.quantization", "model.dtype", "model.revision",
-            "data.train", "data.eval", "data.train_split", "data.fields", "data.labels", "data.max_length",
-            "data.limit_train", "data.holdout", "data.system_prompt", "lora.r", "lora.alpha", "lora.dropout",
-            "lora.target_modules", "train.max_steps", "train.epochs", "train.effective_batch", "train.lr", "train.weight_decay", "train.warmup_ratio", "train.scheduler", "train.max_grad_norm",
-            "train.seed", "train.optimizer", "train.group_by_length")
-# How the effective batch is split (micro-batch x accumulation) does not change what a step computes.
-SPLIT_KEYS = ("train.batch_size", "train.grad_accum")
+# Keys whose change alters the trained model or the data it sees, as the schema declares them; changing any of them
+# refuses a resume. How the effective batch is split (micro-batch x accumulation) does not change what a step
+# computes: its product counts instead of the two keys.
+MATERIAL = (*result_keys(), "train.effective_batch")
 
 
 def flatten(recipe: Recipe) -> dict[str, Any]:
@@ -43,7 +41,8 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
-    flat["train.effective_batch"] = recipe.train.batch_size * recipe.train.grad_accum
+    # Per optimizer step over all processes: 2 processes x 4 and 1 x 8 compute the same steps.
+    flat["train.effective_batch"] = recipe.train.batch_size * recipe.train.grad_accum * launched_world()
     return flat
 
 
@@ -60,8 +59,8 @@ def recipe_hash(recipe: Recipe) -> str:
 def changed_keys(saved: dict[str, Any], recipe: Recipe) -> list[str]:
     """Material keys whose value differs between a saved run and `recipe`, as `key: old -> new`."""
     now = material(recipe)
-    what = {"train.effective_batch": " (train.batch_size x train.grad_accum: how it is split may change, not "
-                                     "their product)"}
+    what = {"train.effective_batch": " (train.batch_size x train.grad_accum x processes: how it is split may "
+                                     "change, not their product)"}
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}{what.get(k, '')}" for k in MATERIAL if saved.get(k) != now[k]]
 
 
@@ -72,6 +71,7 @@ class Checkpointing:
     folder: Path
     recipe: Recipe
     resume: Path | None = None
+    data: dict[str, Any] | None = None  # the training data's fingerprint (rundir.data_fingerprint)
 
 
 @dataclass
@@ -79,44 +79,52 @@ class Resumed:
     step: int
     real_tokens: int
     path: Path
+    state: dict[str, Any]
 
 
 def save(ck: Checkpointing, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         real_tokens: int) -> Path:
+         real_tokens: int, extra: dict[str, Any] | None = None, rng_states: list[dict[str, Any]] | None = None,
+         trainable: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `step-NNNNNN` atomically and keep only the newest train.keep_checkpoints. Returns its path.
 
-    A failure while writing (full disk, unwritable folder) leaves the previous checkpoints untouched and raises a
-    LiteFTError that says so.
+    A failure while writing (full disk, unwritable folder, whatever raised it) leaves the previous checkpoints
+    untouched, removes the partial one and raises WriteFailed saying so. `extra` goes into state.json (the loop's
+    figures, e.g. the last logged loss, for a run resumed after its last step). `rng_states`: every process's RNG
+    state, in rank order (default: this process's). `trainable` and `optimizer_state`: full tensors gathered from
+    sharded (FSDP) ranks, instead of this process's own.
     """
     folder, recipe, keep = ck.folder, ck.recipe, ck.recipe.train.keep_checkpoints
     final = folder / f"step-{step:06d}"
-    staging = folder / f".step-{step:06d}.partial"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write(staging: Path) -> None:
         staging.mkdir()
-        trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, staging / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        weights = trainable if trainable is not None else \
+            {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file({n: t.contiguous() for n, t in weights.items()}, staging / "trainable.safetensors")
+        opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save({"optimizer": opt, "scheduler": scheduler.state_dict(), "sharded": optimizer_state is not None},
                    staging / "optimizer.pt")
-        torch.save(_rng_state(), staging / "rng.pt")
-        state = {"step": step, "real_tokens": real_tokens,
-                 "recipe_hash": recipe_hash(recipe), "recipe": material(recipe)}
+        torch.save({"ranks": rng_states or [rng_state()]}, staging / "rng.pt")
+        state = {"step": step, "real_tokens": real_tokens, "recipe_hash": recipe_hash(recipe),
+                 "recipe": material(recipe), "data": ck.data, "world_size": len(rng_states or [None]),
+                 **(extra or {})}
         (staging / "state.json").write_text(json.dumps(state, indent=2))
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         _write_synced(staging / MANIFEST, json.dumps(files, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)  # atomic: a crash leaves either no checkpoint or a whole one
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        previous = ", ".join(p.name for p in complete(folder)) or "none"
-        raise LiteFTError(f"could not write checkpoint {final} ({exc.strerror or exc}); the previous checkpoints "
-                          f"are intact ({previous}). Free disk space or fix the permissions of {folder}, then "
-                          "resume with --resume") from None
+
+    previous = complete(folder)
+    hint = (f"The previous checkpoints are intact ({', '.join(p.name for p in previous) or 'none'}). Free disk "
+            f"space or fix the permissions of {folder}, then run the same command with --resume")
+    writes.atomic_write(final, f"checkpoint {final.name}", write, hint,
+                 needed_bytes=writes.folder_bytes(previous[-1]) if previous else None)
     for old in complete(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def state_of(path: Path) -> dict[str, Any]:
+    """The state.json of a verified checkpoint: step, tokens, the recipe's result keys, the data fingerprint."""
+    return json.loads((path / "state.json").read_text())
 
 
 def complete(folder: Path) -> list[Path]:
@@ -152,26 +160,36 @@ def latest_valid(folder: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Resumed:
-    """Restore trainable weights, optimizer, scheduler and RNG states from a verified checkpoint."""
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0,
+         sharded: bool = False) -> Resumed:
+    """Restore trainable weights, optimizer, scheduler and RNG states from a verified checkpoint (`sharded`: into
+    an FSDP model, from the full tensors the checkpoint holds)."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise LiteFTError(f"checkpoint {path} does not match the model: {len(missing)} trainable tensors missing "
                           f"(e.g. {missing[0]}); start again with --overwrite")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
     opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    if opt.get("sharded", False) != sharded:
+        raise LiteFTError(f"checkpoint {path} was written {'with' if opt.get('sharded') else 'without'} train.fsdp; "
+                          "resume with the setting it was written with")
+    if sharded:
+        sharding.load_full(model, optimizer, weights, opt["optimizer"])
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # our own file, verified by checksum
-    state = json.loads((path / "state.json").read_text())
-    return Resumed(step=state["step"], real_tokens=state["real_tokens"], path=path)
+    ranks = torch.load(path / "rng.pt", weights_only=False)["ranks"]  # our own file, verified by checksum
+    _set_rng_state(ranks[min(rank, len(ranks) - 1)])  # another process count: not bit-identical, and recorded
+    state = state_of(path)
+    return Resumed(step=state["step"], real_tokens=state["real_tokens"], path=path, state=state)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's Python, torch (and CUDA) RNG states."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

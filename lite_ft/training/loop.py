@@ -11,20 +11,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lite_ft.errors import Interrupted, LiteFTError, OutOfMemory, TrainingStopped
+from lite_ft.errors import Interrupted, LiteFTError, OutOfMemory, TrainingStopped, WriteFailed
 from lite_ft.recipe.precision import Precision
 from lite_ft.recipe.schema import TrainConfig
-from lite_ft.training import checkpoint
+from lite_ft.training import checkpoint, sharding, writes
 from lite_ft.training.checkpoint import Checkpointing
+from lite_ft.training.distributed import Dist
 from lite_ft.training.loss import LossGuard
 from lite_ft.training.memory import MemoryMonitor, StepPhases
-from lite_ft.training.step import StepResult, Stepper, planned_steps, step_stream
+from lite_ft.training.step import Objective, StepResult, Stepper, planned_steps, step_stream
+from lite_ft.training.trackers import Trackers
+
+RESUME_HINT = "The last checkpoint is intact: free disk space, then run the same command with --resume"
 
 
 def set_seed(seed: int) -> None:
@@ -44,25 +48,62 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 class _StopFlag:
-    """Turns Ctrl-C into a flag checked between optimizer steps, so a step is never cut in half."""
+    """Turns Ctrl-C (SIGINT) and SIGTERM (kill, docker stop, Kubernetes and SLURM preemption) into a flag checked
+    between optimizer steps, so a step is never cut in half and a checkpoint is written before the run exits."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
+        self.raised: int | None = None  # the signal received
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second Ctrl-C stops at once
+        if self.raised is not None:  # a second signal stops at once
             raise KeyboardInterrupt
-        self.raised = True
+        self.raised = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _LogFile:
+    """train_log.jsonl, one line per logging step. A failed append is cut back to the last whole line, and the run
+    stops saying so: the last checkpoint has everything a resume needs."""
+
+    def __init__(self, path: Path, done: int) -> None:
+        kept = []
+        if done and path.exists():  # on resume, entries past the checkpoint's step are trained again
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= done]
+        writes.atomic_write(path, "the training log", lambda p: p.write_text("".join(f"{line}\n" for line in kept),
+                                                                       encoding="utf-8"), RESUME_HINT)
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, entry: dict[str, Any]) -> None:
+        good = self.file.tell()
+        try:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        except Exception as exc:  # ENOSPC, or the folder vanished
+            self.close(truncate_to=good)
+            raise WriteFailed(writes.describe_failure(self.path, "the training log", exc, RESUME_HINT)) from None
+
+    def close(self, truncate_to: int | None = None) -> None:
+        if self.file.closed:
+            return
+        try:
+            if truncate_to is not None:
+                self.file.truncate(truncate_to)
+            self.file.close()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -70,7 +111,7 @@ class _Log:
     """The logging window: mean step loss and tokens/s since the last entry, written to train_log.jsonl and the
     progress bar every cfg.log_every steps."""
 
-    file: TextIO | None
+    file: _LogFile | None
     bar: Any
     monitor: MemoryMonitor
     started: float = field(default_factory=time.perf_counter)
@@ -79,6 +120,7 @@ class _Log:
     tokens: int = 0
     t0: float = field(default_factory=time.perf_counter)
     final_loss: float = float("nan")  # mean loss of the last window: steadier than one step's loss
+    trackers: Trackers | None = None
 
     def add(self, step: int, result: StepResult, lr: float, last: bool, every: int) -> None:
         self.loss, self.steps, self.tokens = self.loss + result.loss, self.steps + 1, self.tokens + result.tokens
@@ -91,8 +133,9 @@ class _Log:
                  "memory_mib": self.monitor.current_mib(), "elapsed_s": now - self.started}
         self.final_loss = entry["loss"]
         if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+            self.file.write(entry)
+        if self.trackers:
+            self.trackers.log(entry)
         self.bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}",
                              mem=f"{entry['memory_mib']:.0f}MiB")
         self.loss, self.steps, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
@@ -100,26 +143,32 @@ class _Log:
 
 def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfig, *, pad_id: int, causal: bool,
           precision: Precision, monitor: MemoryMonitor, log_path: Path | None = None,
-          checkpointing: Checkpointing | None = None) -> dict[str, Any]:
+          checkpointing: Checkpointing | None = None, dist: Dist | None = None, trackers: Trackers | None = None
+          ) -> dict[str, Any]:
     """Train for planned_steps(...) optimizer steps; returns the figures that metrics.json reports under `train`.
 
     Writes one JSON line per logging step to `log_path`. Memory phases: first_forward, first_backward,
     optimizer_step (all of the first step) and steady_state (the rest). With `checkpointing`, saves every
     cfg.save_every steps and on Ctrl-C, and resumes from `checkpointing.resume`: weights, optimizer, scheduler, RNG
-    states and data position, so the result equals an uninterrupted run's.
+    states and data position, so the result equals an uninterrupted run's. On N processes (`dist`) every rank runs
+    this; rank 0 alone writes the log, the checkpoints and the progress bar.
     """
-    stepper = _make_stepper(model, cfg, precision, causal, len(encoded))
-    total = planned_steps(len(encoded), cfg)
+    dist = dist or Dist()
+    stepper = _make_stepper(model, cfg, precision, causal, len(encoded), dist)
+    total = planned_steps(len(encoded), cfg, dist.world)
     done = real_tokens = 0
+    resumed_state: dict[str, Any] = {}
     if checkpointing and checkpointing.resume:
-        resumed = checkpoint.load(checkpointing.resume, model, stepper.optimizer, stepper.scheduler)
-        done, real_tokens = resumed.step, resumed.real_tokens
-    steps = step_stream(encoded, cfg, pad_id, causal, done=done)
-    first_step, session_tokens, bad = done + 1, 0, 0
+        resumed = checkpoint.load(checkpointing.resume, model, stepper.optimizer, stepper.scheduler, dist.rank,
+                                  sharded=dist.fsdp)
+        done, real_tokens, resumed_state = resumed.step, resumed.real_tokens, resumed.state
+    steps = step_stream(encoded, cfg, pad_id, causal, done=done, rank=dist.rank, world=dist.world)
+    first_step, session_tokens, local_tokens, bad = done + 1, 0, 0, 0
     phases = StepPhases(monitor, first=True)
     model.train()
-    bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)
-    log = _Log(_open_log(log_path, done) if log_path else None, bar, monitor)
+    bar = tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
+    log = _Log(_LogFile(log_path, done) if log_path and dist.is_main else None, bar, monitor,
+               final_loss=resumed_state.get("final_loss", float("nan")), trackers=trackers)
     try:
         with _StopFlag() as stop:
             for step in range(first_step, total + 1):
@@ -133,11 +182,16 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
                 if result.skipped:
                     _check_bad(bad, cfg, step, result.skipped[-1], checkpointing)
                 real_tokens, session_tokens = real_tokens + result.tokens, session_tokens + result.tokens
+                local_tokens += result.local_tokens
                 log.add(step, result, stepper.scheduler.get_last_lr()[0], step == total, cfg.log_every)
-                if checkpointing and cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    checkpoint.save(checkpointing, step, model, stepper.optimizer, stepper.scheduler, real_tokens)
-                if stop.raised:
-                    raise Interrupted(_interrupted(checkpointing, step, total, model, stepper, real_tokens))
+                # The last step is always checkpointed: a crash while saving or evaluating never trains again.
+                saved = bool(checkpointing) and (step == total or bool(cfg.save_every) and step % cfg.save_every == 0)
+                if saved:
+                    _save(checkpointing, step, stepper, real_tokens, log.final_loss)
+                signum = dist.max(stop.raised or 0)  # every rank stops after the same step
+                if signum and step < total:
+                    raise _interrupted(signum, checkpointing, step, total, stepper, real_tokens, log.final_loss,
+                                       saved)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(_oom_message(monitor, phases.current, cfg)) from None
     finally:
@@ -147,40 +201,54 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
     wall = time.perf_counter() - log.started
     return {"steps": total, "final_loss": log.final_loss, "tokens_per_second": session_tokens / max(wall, 1e-9),
             "real_tokens": real_tokens, "seconds_per_step": wall / max(total - first_step + 1, 1),
+            "rank_tokens_per_second": local_tokens / max(wall, 1e-9),
             "wall_seconds": wall, "resumed_from_step": first_step - 1, "skipped_nonfinite": bad,
             "loss_path": stepper.loss.report, "precision": precision.describe(),
             **({"grad_scale": stepper.scaler.get_scale()} if stepper.scaler else {})}
 
 
-def _make_stepper(model: torch.nn.Module, cfg: TrainConfig, precision: Precision, causal: bool, n: int) -> Stepper:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def _make_stepper(model: torch.nn.Module, cfg: TrainConfig, precision: Precision, causal: bool, n: int,
+                  dist: Dist) -> Stepper:
+    if not any(p.requires_grad for p in model.parameters()):
         raise LiteFTError("the model has no trainable parameters; check method and lora.target_modules")
+    loss = LossGuard(causal)
+    objective = dist.wrap(Objective(model, loss), model)  # first: FSDP replaces the parameters with shards
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    total = planned_steps(n, cfg)
+    total = planned_steps(n, cfg, dist.world)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total),
                               num_training_steps=total)
-    return Stepper(model=model, params=params, optimizer=optimizer, scheduler=scheduler, precision=precision,
-                   loss=LossGuard(causal), max_grad_norm=cfg.max_grad_norm, scaler=precision.make_scaler())
+    return Stepper(model=model, objective=objective, params=params, optimizer=optimizer, scheduler=scheduler,
+                   precision=precision, loss=loss, max_grad_norm=cfg.max_grad_norm, dist=dist,
+                   scaler=precision.make_scaler())
 
 
-def _interrupted(ck: Checkpointing | None, step: int, total: int, model: torch.nn.Module, stepper: Stepper,
-                 real_tokens: int) -> str:
-    path = checkpoint.save(ck, step, model, stepper.optimizer, stepper.scheduler, real_tokens) if ck else None
+def _save(ck: Checkpointing, step: int, stepper: Stepper, real_tokens: int, final_loss: float) -> Path:
+    """A checkpoint of every rank's RNG state (gathered) and rank 0's weights and optimizer, written by rank 0."""
+    dist = stepper.dist
+    states = dist.gather(checkpoint.rng_state())
+    full = (sharding.full_trainable(stepper.model), sharding.full_optimizer(stepper.model, stepper.optimizer)) \
+        if dist.fsdp else (None, None)  # collectives: every rank gathers, rank 0 writes
+    path = ck.folder / f"step-{step:06d}"
+    if dist.is_main:
+        checkpoint.save(ck, step, stepper.model, stepper.optimizer, stepper.scheduler, real_tokens,
+                        extra={"final_loss": final_loss}, rng_states=states, trainable=full[0],
+                        optimizer_state=full[1])
+    return path
+
+
+def _interrupted(signum: int, ck: Checkpointing | None, step: int, total: int, stepper: Stepper, real_tokens: int,
+                 final_loss: float, saved: bool) -> Interrupted:
+    """The error a stop signal becomes, after a checkpoint of the step just finished (unless it was saved)."""
+    path = None
+    if ck:
+        path = ck.folder / f"step-{step:06d}" if saved else _save(ck, step, stepper, real_tokens, final_loss)
     where = f"checkpoint {path}" if path else "no checkpoint (none configured)"
-    return f"interrupted after step {step} of {total}; saved {where}. Run the same command with --resume to continue."
-
-
-def _open_log(path: Path, done: int) -> Any:
-    """The training log for appending; on resume, entries past the checkpoint's step are dropped (they are
-    trained again)."""
-    kept = []
-    if done and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= done]
-    f = open(path, "w", encoding="utf-8")
-    f.writelines(line + "\n" for line in kept)
-    return f
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    error = Interrupted(f"interrupted after step {step} of {total} ({name}); saved {where}. Run the same command "
+                        "with --resume to continue.")
+    error.exit_code = 143 if signum == signal.SIGTERM else 130  # 128 + the signal, as shells report it
+    return error
 
 
 def _check_bad(bad: int, cfg: TrainConfig, step: int, what: str, ck: Checkpointing | None) -> None:

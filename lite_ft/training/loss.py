@@ -19,7 +19,8 @@ from lite_ft.data.batching import IGNORE
 GUARD_RTOL = 1e-4  # relative difference between the fast and the model's own loss that switches to the full forward
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The model's decoder stack and output layer, separately; None when it has no such split."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -36,20 +37,13 @@ def target_units(batch: dict[str, torch.Tensor], causal: bool) -> int:
     return int(batch["labels"].numel())
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], causal: bool, full_forward: bool = False
-             ) -> torch.Tensor:
-    """Sum of the per-unit cross-entropies of one micro-batch, in fp32.
-
-    Causal: over labelled next-token positions, through the output layer on those positions only unless
-    `full_forward` (or the model cannot be split into decoder and head). Classification: over examples, from the
-    model's logits.
-    """
-    if not causal:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], full_forward: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, keep) of the labelled next-token positions: the output layer runs on those positions only
+    unless `full_forward` (or the model cannot be split into decoder and head). `keep` marks them in the batch."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    parts = None if full_forward else _decoder_and_head(model)
+    parts = None if full_forward else decoder_and_head(model)
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
     else:
@@ -57,9 +51,33 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], causal: boo
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][keep])
+    return logits, labels[keep], keep
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], causal: bool, full_forward: bool = False
+             ) -> torch.Tensor:
+    """Sum of the per-unit cross-entropies of one micro-batch, in fp32.
+
+    Causal: over labelled next-token positions (labelled_logits). Classification: over examples, from the model's
+    logits.
+    """
+    if not causal:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    logits, targets, keep = labelled_logits(model, batch, full_forward)
     if not bool(keep.any()):
         return logits.sum() * 0.0  # keeps the graph, so a micro-batch without targets still backpropagates
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def row_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
+    """Each example's summed next-token loss (causal), so that scores can be added up example by example in one
+    order, however the examples were split into batches or across processes."""
+    logits, targets, keep = labelled_logits(model, batch)
+    per_position = F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = torch.zeros(keep.shape[0], dtype=torch.float64, device=per_position.device)
+    rows.index_add_(0, keep.nonzero()[:, 0], per_position.double())
+    return rows.tolist()
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -97,7 +115,7 @@ class LossGuard:
             self.report = {"path": "model forward (classification)"}
             return
         rows = (batch["labels"][:, 1:] != IGNORE).any(1).nonzero()
-        if len(rows) == 0 or _decoder_and_head(model) is None:
+        if len(rows) == 0 or decoder_and_head(model) is None:
             self.report = {"path": "full forward", "reason": "the model has no separate decoder and output layer"}
             self.full_forward = True
             return

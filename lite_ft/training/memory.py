@@ -205,15 +205,21 @@ def _side_tensors(param: torch.Tensor) -> list[torch.Tensor]:
 def tensor_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """MiB held by the model's frozen weights (by kind), trainable parameters, gradients and optimizer state.
 
-    Each storage counts once: tied weights and views are not double-counted.
+    Each storage counts once: tied weights and views are not double-counted. Under FSDP a parameter counts with
+    this process's shard.
     """
     seen: set[int] = set()
 
     def size(t: torch.Tensor) -> int:
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.device.type == "meta":
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2's DTensor: the local shard is what is resident
+        try:
+            storage = t.untyped_storage()
+            pointer = storage.data_ptr()
+        except RuntimeError:  # an unsharded copy FSDP has already freed
             return 0
-        seen.add(storage.data_ptr())
+        if pointer in seen or storage.device.type == "meta":
+            return 0
+        seen.add(pointer)
         return storage.nbytes()
 
     frozen: dict[str, float] = {}

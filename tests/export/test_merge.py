@@ -22,8 +22,6 @@ from lite_ft.errors import LiteFTError
 from lite_ft.evaluate import evaluate
 from lite_ft.util import sha256_file
 from lite_ft.export.verify import TOLERANCE
-from lite_ft.export.gguf import TOLERANCE as GGUF_TOLERANCE
-from lite_ft.export.gguf import permute
 from lite_ft.export.merge import merge
 from lite_ft.run import run
 
@@ -236,54 +234,6 @@ def test_quantized_runs_merge_into_an_unquantized_base(runs: dict[str, Path], tm
     assert (merged - adapter_logits(runs[kind], ids)).abs().max() < 1e-4
     quantized = adapter_logits(runs[kind], ids, quantization)
     assert (merged - quantized).abs().max() < 0.25 * quantized.abs().max()  # same model up to quantization error
-
-
-@pytest.mark.parametrize("gguf_type,tied", [("f32", True), ("f16", False), ("q8_0", True)])
-def test_gguf_export_round_trips_through_transformers(runs: dict[str, Path], tmp_path: Path, gguf_type: str,
-                                                      tied: bool) -> None:
-    from gguf import GGUFReader
-    from transformers import AutoTokenizer
-
-    run_dir, out = runs["tied" if tied else "untied"], tmp_path / "out"
-    record = merge(run_dir, out, fmt="gguf", gguf_type=gguf_type)
-    assert set(record["files"]) == {"model.gguf", "Modelfile", "export.json", "README.md"}
-    reader = GGUFReader(str(out / "model.gguf"))
-    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert ("output.weight" in kinds) is (not tied)
-    assert kinds["blk.1.attn_norm.weight"] == "F32" and kinds["output_norm.weight"] == "F32"
-    assert kinds["blk.0.attn_q.weight"] == gguf_type.upper() and kinds["blk.1.ffn_down.weight"] == gguf_type.upper()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    ids = ids_of(tokenizer)
-    back, _ = plain_logits(out, ids, gguf_file="model.gguf")
-    reference = adapter_logits(run_dir, ids)
-    scale = reference.abs().max()
-    assert (back - reference).abs().max() <= GGUF_TOLERANCE[gguf_type] * max(1.0, float(scale))
-    trip = record["gguf"]["roundtrip"]
-    assert trip["max_abs_diff"] <= trip["bound"]
-    if gguf_type == "f32":
-        assert trip["max_abs_diff"] < 1e-4 and trip["greedy_agreement"] == 1.0
-    read_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
-    assert read_tokenizer(SAMPLE)["input_ids"] == tokenizer(SAMPLE)["input_ids"]
-    assert read_tokenizer.chat_template == tokenizer.chat_template
-
-
-def test_modelfile_for_a_chatml_template(runs: dict[str, Path], tmp_path: Path) -> None:
-    merge(runs["tied"], tmp_path / "out", fmt="gguf", gguf_type="f16")
-    text = (tmp_path / "out" / "Modelfile").read_text()
-    assert text.startswith("FROM ./model.gguf\n")
-    assert "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n" in text
-    assert "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>" in text
-    assert "{{ else }}<|im_start|>system\nYou are a helpful assistant.<|im_end|>" in text  # the template's default
-    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' in text
-
-
-def test_permutation_is_what_transformers_reverses() -> None:
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
-
-    w = torch.randn(3 * 2 * 8, 5).numpy()  # 3 KV heads of head_dim 16 (8 rotary pairs)
-    undone = LlamaTensorProcessor({"num_attention_heads": 6, "num_key_value_heads": 3})._reverse_permute_weights(
-        permute(w, 6, 3), 6, 3)
-    assert (undone == w).all() and not (permute(w, 6, 3) == w).all()
 
 
 def test_gguf_refuses_unsupported_models_before_writing(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ def test_sst2_from_shared_data(minilm: str, tmp_path: Path) -> None:
     assert recipe.data.fields == {"text": "sentence", "label": "label"}
     metrics = run(recipe)
     first = read_jsonl(eval_file)[0]
-    assert metrics["data"]["train"] == {"used": 16, "skipped": {}, "examples_of_skipped": {}}
+    train = metrics["data"]["train"]
+    assert (train["used"], train["skipped"], train["truncated"]) == (16, {}, 0)
+    assert train["fingerprint"]["examples"] == 16 and train["fingerprint"]["source"] == str(train_file)
     assert metrics["data"]["eval"]["used"] == 16 and metrics["data"]["eval"]["skipped"] == {}
     assert metrics["train"]["steps"] == 2 and math.isfinite(metrics["train"]["final_loss"])
     assert metrics["eval"]["n"] == 16 and 0 <= metrics["eval"]["accuracy"] <= 100

@@ -8,7 +8,7 @@ import torch
 
 from lite_ft.data.batching import IGNORE
 from lite_ft.errors import DataError
-from lite_ft.training.loss import causal_lm_loss
+from lite_ft.training.loss import row_loss_sums
 
 
 def chat_messages(user: str, system: str | None) -> list[dict[str, str]]:
@@ -118,14 +118,18 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], m
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """Mean token loss over the completion tokens and its perplexity."""
+def example_losses(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+                   ) -> list[float]:
+    """Summed completion-token loss of each example, batch after batch, in order."""
     model.eval()
-    total = tokens = 0.0
+    found: list[float] = []
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss, n = causal_lm_loss(model, batch)
-        total += loss.item() * n
-        tokens += n
-    mean = total / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": int(tokens)}
+        found += row_loss_sums(model, {k: v.to(device) for k, v in batch.items()})
+    return found
+
+
+def loss_scores(loss_sums: list[float], tokens: list[int]) -> dict[str, float]:
+    """Mean token loss over all completion tokens, and its perplexity, added up example by example."""
+    total, count = math.fsum(loss_sums), sum(tokens)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": int(count)}

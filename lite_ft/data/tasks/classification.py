@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from lite_ft.recipe.schema import DataConfig, Recipe
 from lite_ft.data.batching import collate
-from lite_ft.data.load import Split, field_value
+from lite_ft.data.load import Split, field_value, text_cap
 from lite_ft.metrics import classification_scores
 
 
@@ -60,19 +60,24 @@ class ClassificationTask:
         return max(2, max(seen) + 1) if seen else 2
 
     def encode(self, example: dict[str, Any], tokenizer: Any, recipe: Recipe) -> dict[str, Any] | None:
-        ids = tokenizer(example["text"])["input_ids"]
-        if len(ids) > recipe.data.max_length:
+        cap = text_cap(tokenizer, recipe.data.max_length)
+        text = example["text"][:cap]  # never tokenize more than max_length can hold
+        ids = tokenizer(text)["input_ids"]
+        cut = len(example["text"]) > cap or len(ids) > recipe.data.max_length
+        if cut:
             if recipe.data.overlong == "skip":
                 return None
-            ids = tokenizer(example["text"], truncation=True, max_length=recipe.data.max_length)["input_ids"]
-        return {"input_ids": list(ids), "labels": example["label"]}
+            ids = tokenizer(text, truncation=True, max_length=recipe.data.max_length)["input_ids"]
+        return {"input_ids": list(ids), "labels": example["label"], "truncated": cut}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]], recipe: Recipe,
                  device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         model.eval()
         # Every eval example is scored: over-long ones are truncated here whatever data.overlong says.
-        encoded = [{"input_ids": tokenizer(e["text"], truncation=True, max_length=recipe.data.max_length)["input_ids"],
+        cap = text_cap(tokenizer, recipe.data.max_length)
+        encoded = [{"input_ids": tokenizer(e["text"][:cap], truncation=True,
+                                           max_length=recipe.data.max_length)["input_ids"],
                     "labels": e["label"]} for e in examples]
         preds: list[int] = []
         size = recipe.eval.batch_size
@@ -81,11 +86,15 @@ class ClassificationTask:
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits
             preds.extend(int(p) for p in logits.argmax(-1).tolist())
-        labels = [e["label"] for e in examples]
-        num_labels = int(model.config.num_labels)
-        scores = classification_scores(preds, labels, num_labels)
         records = [{"id": e["id"], "prediction": p, "label": e["label"]} for e, p in zip(examples, preds)]
-        return scores, records
+        return self.score(records, {"num_labels": int(model.config.num_labels)}), records
+
+    def eval_order(self, examples: list[dict[str, Any]], tokenizer: Any, recipe: Recipe) -> list[int]:
+        return list(range(len(examples)))
+
+    def score(self, records: list[dict[str, Any]], shard_scores: dict[str, Any]) -> dict[str, Any]:
+        return classification_scores([r["prediction"] for r in records], [r["label"] for r in records],
+                                     shard_scores["num_labels"])
 
 
 def _label_index(label: Any, names: list[str] | None) -> int | None:

@@ -8,8 +8,8 @@ import torch
 
 from lite_ft.recipe.schema import DataConfig, Recipe
 from lite_ft.data.batching import collate
-from lite_ft.data.load import Split, field_value
-from lite_ft.data.tasks.causal import conversation_ids, encode_pair, eval_loss
+from lite_ft.data.load import Split, field_value, text_cap
+from lite_ft.data.tasks.causal import conversation_ids, encode_pair, example_losses, loss_scores
 
 
 class InstructionTask:
@@ -43,8 +43,18 @@ class InstructionTask:
         messages = list(example["messages"])
         if recipe.data.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": recipe.data.system_prompt}] + messages
-        prompt, target = conversation_ids(tokenizer, messages, example["response"])
-        return encode_pair(prompt, target, recipe.data.max_length, truncate=recipe.data.overlong == "truncate")
+        cap = text_cap(tokenizer, recipe.data.max_length)
+        if sum(len(m["content"]) for m in messages) > cap:
+            return None  # the prompt alone is certainly over max_length (a prompt is never cut)
+        response = example["response"]
+        truncate = recipe.data.overlong == "truncate"
+        if len(response) > cap and not truncate:
+            return None
+        prompt, target = conversation_ids(tokenizer, messages, response[:cap])
+        encoded = encode_pair(prompt, target, recipe.data.max_length, truncate=truncate)
+        if encoded is not None:
+            encoded["truncated"] = len(prompt) + len(target) > recipe.data.max_length or len(response) > cap
+        return encoded
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[dict[str, Any]], recipe: Recipe,
                  device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -53,11 +63,19 @@ class InstructionTask:
         size = recipe.eval.batch_size
         batches = [collate([enc for _, enc in kept[s:s + size]], tokenizer.pad_token_id, causal=True)
                    for s in range(0, len(kept), size)]
-        scores = eval_loss(model, batches, device)
-        scores["n"] = len(kept)
-        records = [{"id": e["id"], "prediction": None, "response_tokens": sum(1 for t in enc["labels"] if t >= 0)}
-                   for e, enc in kept]
-        return scores, records
+        losses = example_losses(model, batches, device)
+        records = [{"id": e["id"], "prediction": None, "response_tokens": sum(1 for t in enc["labels"][1:] if t >= 0),
+                    "loss_sum": loss} for (e, enc), loss in zip(kept, losses)]
+        return self.score(records, {}), records
+
+    def eval_order(self, examples: list[dict[str, Any]], tokenizer: Any, recipe: Recipe) -> list[int]:
+        """The examples that fit data.max_length, in their order (evaluate scores only those)."""
+        return [i for i, e in enumerate(examples) if self.encode(e, tokenizer, recipe) is not None]
+
+    def score(self, records: list[dict[str, Any]], shard_scores: dict[str, Any]) -> dict[str, Any]:
+        """Loss and perplexity over every record's completion tokens, added up in the records' order."""
+        scores = loss_scores([r["loss_sum"] for r in records], [r["response_tokens"] for r in records])
+        return {**scores, "n": len(records)}
 
 
 def _from_messages(messages: Any) -> dict[str, Any] | None:

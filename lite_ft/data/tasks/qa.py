@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lite_ft.recipe.schema import DataConfig, Recipe
-from lite_ft.data.load import Split, field_value
+from lite_ft.data.load import Split, field_value, text_cap
 from lite_ft.metrics import qa_scores
 from lite_ft.data.tasks.causal import chat_messages, conversation_ids, encode_pair, generate, prompt_ids
 
@@ -57,6 +57,8 @@ class QATask:
 
     def encode(self, example: dict[str, Any], tokenizer: Any, recipe: Recipe) -> dict[str, Any] | None:
         # Train on the first reference that is a span of the passage (SQuAD train rows have exactly one).
+        if len(example["context"]) + len(example["question"]) > text_cap(tokenizer, recipe.data.max_length):
+            return None  # certainly over max_length: skipped without tokenizing it
         answer = next(a for a in example["answers"] if a in example["context"])
         prompt, target = conversation_ids(tokenizer, self.messages(example, recipe), answer.strip())
         return encode_pair(prompt, target, recipe.data.max_length)
@@ -68,6 +70,13 @@ class QATask:
             replies = generate(model, tokenizer, prompts, recipe.eval.max_new_tokens, recipe.eval.batch_size,
                                device, progress=bar)
         replies = [r.split("\n")[0].strip() for r in replies]  # an answer is one line
-        scores = qa_scores(replies, [e["answers"] for e in examples])
         records = [{"id": e["id"], "prediction": r, "references": e["answers"]} for e, r in zip(examples, replies)]
-        return scores, records
+        return self.score(records, {}), records
+
+    def eval_order(self, examples: list[dict[str, Any]], tokenizer: Any, recipe: Recipe) -> list[int]:
+        """Shortest prompt first, as generate batches them (a stable sort: equal lengths keep their order)."""
+        lengths = [len(self.prompt(e, tokenizer, recipe)) for e in examples]
+        return sorted(range(len(examples)), key=lambda i: lengths[i])
+
+    def score(self, records: list[dict[str, Any]], shard_scores: dict[str, Any]) -> dict[str, Any]:
+        return qa_scores([r["prediction"] for r in records], [r["references"] for r in records])
