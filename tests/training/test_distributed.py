@@ -107,6 +107,7 @@ def test_two_processes_compute_what_one_does(one_process: Path, make_doc: Callab
         assert metrics["train"]["processes"]["world_size"] == 2 and len(metrics["train"]["ranks"]) == 2
 
 
+@pytest.mark.slow  # a torchrun of two processes: about 25 s here
 def test_the_all_reduced_gradient_is_the_single_process_gradient(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Plain SGD with lr 1 makes the weight change the gradient itself; Adam would hide a wrong scale."""
     worker = str(DDP / "grad_worker.py")
