@@ -12,7 +12,6 @@ that it was not checked in llama.cpp.
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,14 +46,7 @@ def _plan(run: RunInfo, strategy: str) -> tuple[Any, str | None]:
     """The streaming plan of a LoRA/QLoRA run, or None and why not."""
     if not run.is_adapter:
         return None, "a full run's weights are converted in memory"
-    if strategy == "in-memory":
-        return None, "the in-memory merge was requested"
-    try:
-        return streaming.make_plan(run.base_path, run.weights, run.recipe.model.revision), None
-    except streaming.StreamingUnsupported as exc:
-        print(f"lite-ft: merging in memory (about twice the model's size), not tensor by tensor: {exc}",
-              file=sys.stderr, flush=True)
-        return None, str(exc)
+    return streaming.plan_or_reason(run.base_path, run.weights, run.recipe.model.revision, strategy)
 
 
 def _streamed(plan: Any) -> gguf.Tensors:

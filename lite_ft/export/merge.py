@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -125,14 +124,7 @@ def _streaming_plan(run: RunInfo, fmt: str, strategy: str) -> tuple[Any, str | N
     does not apply at all: full runs, GGUF). A fallback is announced: it needs about twice the model's memory."""
     if not run.is_adapter or fmt != "safetensors":
         return None, None
-    if strategy == "in-memory":
-        return None, "the in-memory merge was requested"
-    try:
-        return streaming.make_plan(run.base_path, run.weights, run.recipe.model.revision), None
-    except streaming.StreamingUnsupported as exc:
-        print(f"lite-ft: merging in memory (about twice the model's size), not tensor by tensor: {exc}",
-              file=sys.stderr, flush=True)
-        return None, str(exc)
+    return streaming.plan_or_reason(run.base_path, run.weights, run.recipe.model.revision, strategy)
 
 
 def _export_streaming(run: RunInfo, plan: Any, staging: Path, tokenizer: Any, dtype: str,

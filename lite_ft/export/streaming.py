@@ -304,3 +304,17 @@ def copy_config(plan: Plan, folder: Path, dtype: str) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if (plan.base_dir / "generation_config.json").is_file():
         shutil.copyfile(plan.base_dir / "generation_config.json", folder / "generation_config.json")
+
+
+def plan_or_reason(base_path: str, adapter_dir: Path, revision: str | None, strategy: str) -> tuple[Plan | None,
+                                                                                                   str | None]:
+    """The streaming plan, or None and why not (the in-memory merge was asked for, or the adapter cannot be
+    streamed). A fallback is announced: the in-memory merge needs about twice the model's memory."""
+    if strategy == "in-memory":
+        return None, "the in-memory merge was requested"
+    try:
+        return make_plan(base_path, adapter_dir, revision), None
+    except StreamingUnsupported as exc:
+        print(f"lite-ft: merging in memory (about twice the model's size), not tensor by tensor: {exc}",
+              file=sys.stderr, flush=True)
+        return None, str(exc)
