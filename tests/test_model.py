@@ -213,7 +213,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(make_doc: Callable[..., 
     """Left padding and the attention mask must not change greedy answers: batch of 8 == 8 batches of 1."""
     from lite_ft.data.load import load_splits
     from lite_ft.data.tasks import get_task
-    from lite_ft.data.tasks.causal import generate
+    from lite_ft.data.tasks.generation import generate
 
     recipe = load_recipe(document=make_doc("qa", "lora", data={"limit_eval": 8}))
     set_seed(0)

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lite_ft.data.batching import IGNORE
 from lite_ft.data.tasks import get_task
-from lite_ft.data.tasks.causal import conversation_ids, generate, stop_ids
+from lite_ft.data.tasks.causal import conversation_ids, stop_ids
+from lite_ft.data.tasks.generation import generate
 from lite_ft.recipe.load import load_recipe
 
 TURN_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"

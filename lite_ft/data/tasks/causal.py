@@ -1,4 +1,5 @@
-"""Causal-LM pieces shared by the qa and instruction tasks: prompt encoding, batched greedy generation, eval loss."""
+"""Causal-LM pieces shared by the qa and instruction tasks: prompt encoding, stop tokens, eval loss (greedy
+generation is in lite_ft.data.tasks.generation)."""
 from __future__ import annotations
 
 import math
@@ -86,35 +87,6 @@ def encode_pair(prompt: list[int], completion: list[int], max_length: int, trunc
             return None
         completion = completion[: max_length - len(prompt)]
     return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
-
-
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-             batch_size: int, device: torch.device, progress: Any = None) -> list[str]:
-    """Greedy decoding with a KV cache, prompts batched by length and left-padded; returns the decoded replies."""
-    model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id
-    stops = stop_ids(tokenizer)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=stops, temperature=None, top_p=None,
-                             top_k=None)
-        for row, i in enumerate(idx):
-            tokens = out[row, width:].tolist()
-            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))  # the reply ends at its stop
-            replies[i] = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
-        if progress is not None:
-            progress.update(len(idx))
-    return replies
 
 
 @torch.no_grad()

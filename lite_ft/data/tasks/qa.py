@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from lite_ft.recipe.schema import DataConfig, Recipe
 from lite_ft.data.load import Split, field_value, text_cap
 from lite_ft.metrics import qa_scores
-from lite_ft.data.tasks.causal import chat_messages, conversation_ids, encode_pair, generate, prompt_ids
+from lite_ft.data.tasks.causal import chat_messages, conversation_ids, encode_pair, prompt_ids
+from lite_ft.data.tasks.generation import eval_order, generate
 
 INSTRUCTION = ("Read the passage and answer the question with a short phrase copied exactly from the passage.\n\n"
                "Passage: {context}\n\nQuestion: {question}")
@@ -74,9 +75,8 @@ class QATask:
         return self.score(records, {}), records
 
     def eval_order(self, examples: list[dict[str, Any]], tokenizer: Any, recipe: Recipe) -> list[int]:
-        """Shortest prompt first, as generate batches them (a stable sort: equal lengths keep their order)."""
-        lengths = [len(self.prompt(e, tokenizer, recipe)) for e in examples]
-        return sorted(range(len(examples)), key=lambda i: lengths[i])
+        """As generate batches them: prompts that begin alike (questions on one passage) together."""
+        return eval_order([self.prompt(e, tokenizer, recipe) for e in examples])
 
     def score(self, records: list[dict[str, Any]], shard_scores: dict[str, Any]) -> dict[str, Any]:
         return qa_scores([r["prediction"] for r in records], [r["references"] for r in records])
