@@ -148,7 +148,8 @@ def _follow(run_dir: Path, bar: tqdm, steps: int) -> None:
     log = run_dir / "train_log.jsonl"
     done = 0
     if log.is_file():
-        done = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+        done = sum(1 for line in log.read_text(encoding="utf-8").splitlines()
+                   if line.strip() and '"eval_loss"' not in line)  # evaluations have lines of their own
     bar.update(min(done, steps) - bar.n)
     bar.set_postfix_str("loading" if done == 0 else "training" if done < steps else "evaluating")
 
