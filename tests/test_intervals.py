@@ -7,8 +7,15 @@ import random
 import numpy as np
 import pytest
 
-from lite_ft.intervals import STATISTICS, bootstrap, columns, paired_differences, score_intervals, wilson
 from lite_ft.data.tasks.causal import loss_scores
+from lite_ft.intervals import (
+    STATISTICS,
+    bootstrap,
+    columns,
+    paired_differences,
+    score_intervals,
+    wilson,
+)
 from lite_ft.metrics import classification_scores, qa_scores
 
 

@@ -145,7 +145,7 @@ class Tracking:
 
 class KeptWeights:
     """The best evaluation's trainable weights: in checkpoints/best/ when the run checkpoints (they survive a
-    crash and a resume), else in memory. Gathered from every rank under FSDP; written by rank 0."""
+    crash and a resume), else in rank 0's memory. Gathered from every rank under FSDP; kept by rank 0."""
 
     def __init__(self, ck: Checkpointing | None, dist: Dist) -> None:
         self.ck, self.dist, self.memory = ck, dist, None
@@ -153,14 +153,20 @@ class KeptWeights:
     def keep(self, step: int, stepper: Any, best: dict[str, Any]) -> None:
         trainable = sharding.full_trainable(stepper.model) if self.dist.fsdp else \
             {n: p.detach().to("cpu", copy=True) for n, p in stepper.model.named_parameters() if p.requires_grad}
-        if self.ck is None:
-            self.memory = trainable
-        elif self.dist.is_main:
-            checkpoint.save_best(self.ck, step, trainable, best)
-        self.dist.barrier()  # no rank reads the folder before rank 0 has written it
+        if self.dist.is_main:
+            if self.ck is None:
+                self.memory = trainable
+            else:
+                checkpoint.save_best(self.ck, step, trainable, best)
+        self.dist.barrier()  # no rank goes on before rank 0 holds them
 
     def restore(self, step: int, stepper: Any) -> None:
-        weights = self.memory if self.ck is None else checkpoint.load_best(self.ck.folder, step)
+        """Put the kept weights back into the model on every rank: rank 0 reads them and sends them on (the other
+        ranks may run on machines without the run folder)."""
+        weights = None
+        if self.dist.is_main:
+            weights = self.memory if self.ck is None else checkpoint.load_best(self.ck.folder, step)
+        weights = self.dist.broadcast(weights)
         if self.dist.fsdp:
             sharding.load_trainable(stepper.model, weights)
             return

@@ -243,7 +243,8 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
     if cfg.keep_best and tracking.best:
         kept.restore(tracking.best["step"], stepper)  # the run's result: the best evaluation's weights
     wall = time.perf_counter() - log.started
-    return {"steps": end, "planned_steps": total, **tracking.report(), "final_loss": log.final_loss, "tokens_per_second": session_tokens / max(wall, 1e-9),
+    return {"steps": end, "planned_steps": total, **tracking.report(), "final_loss": log.final_loss,
+            "tokens_per_second": session_tokens / max(wall, 1e-9),
             "real_tokens": real_tokens, "seconds_per_step": wall / max(end - first_step + 1, 1),
             "rank_tokens_per_second": local_tokens / max(wall, 1e-9),
             "wall_seconds": wall, "resumed_from_step": first_step - 1, "skipped_nonfinite": bad,
@@ -277,8 +278,8 @@ def _save(ck: Checkpointing, step: int, stepper: Stepper, real_tokens: int, fina
     path = ck.folder / f"step-{step:06d}"
     if dist.is_main:
         checkpoint.save(ck, step, stepper.model, stepper.optimizer, stepper.scheduler, real_tokens,
-                        extra={"final_loss": final_loss, "tracking": tracking.state()}, rng_states=states, trainable=full[0],
-                        optimizer_state=full[1])
+                        extra={"final_loss": final_loss, "tracking": tracking.state()}, rng_states=states,
+                        trainable=full[0], optimizer_state=full[1])
         if tracking.best:  # the checkpoints it replaced may have held older best weights
             checkpoint.prune_best(ck.folder, keep={tracking.best["step"]})
     return path

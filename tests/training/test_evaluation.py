@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import read_jsonl
 from safetensors.torch import load_file
 
-from helpers import read_jsonl
 from lite_ft.data.batching import collate
 from lite_ft.data.load import load_splits
 from lite_ft.data.tasks import get_task
