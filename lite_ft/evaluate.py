@@ -79,7 +79,6 @@ def _evaluated(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | 
                "data": {"eval": eval_split.report()}, "versions": versions()}
     if out is not None:
         _write(Path(out).expanduser(), metrics, predictions)
-    del model  # before a comparison loads the second model
     return metrics, predictions
 
 
