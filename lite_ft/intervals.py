@@ -20,7 +20,6 @@ LEVEL = 0.95
 SAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under 0.5 points between seeds at n >= 40
 SEED = 0
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
-LOWER_IS_BETTER = ("eval_loss", "loss", "perplexity")
 WILSON = ("accuracy", "exact_match")  # scores that are 100 x a mean of 0/1 values
 
 Columns = dict[str, np.ndarray]
