@@ -192,13 +192,24 @@ def _gguf_line(g: dict[str, Any]) -> str:
               help="Recipe giving the task and eval data (default: a run folder's own recipe.yaml).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json and predictions.jsonl here.")
+@click.option("--compare", "other", type=click.Path(), default=None, metavar="B",
+              help="Also evaluate B on the same examples and print TARGET - B per score, with its paired bootstrap "
+                   "95% interval (within noise when it holds 0).")
 @_clean_errors
-def eval_command(target: str, overrides: tuple[str, ...], recipe: str | None, out: str | None) -> None:
+def eval_command(target: str, overrides: tuple[str, ...], recipe: str | None, out: str | None,
+                 other: str | None) -> None:
     """Evaluate TARGET (a model folder, a run folder or a .gguf file) on the recipe's eval data.
 
-    OVERRIDES are section.key=value pairs applied to the recipe, e.g. data.limit_eval=20.
+    OVERRIDES are section.key=value pairs applied to the recipe, e.g. data.limit_eval=20. Scores come with their
+    95% interval over the examples.
     """
-    from lite_ft.evaluate import evaluate, summary
+    from lite_ft.evaluate import compare, compare_summary, evaluate, summary
+
+    if other is not None:
+        if out:
+            raise click.UsageError("--out and --compare: write one evaluation's results at a time")
+        click.echo(compare_summary(compare(target, other, recipe=recipe, overrides=overrides)))
+        return
 
     metrics = evaluate(target, recipe=recipe, out=out, overrides=overrides)
     click.echo(summary(metrics))

@@ -19,6 +19,7 @@ from lite_ft.data.load import load_splits
 from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import LiteFTError
 from lite_ft.export.run_folder import RunInfo, attach_adapter, inspect_run
+from lite_ft.intervals import describe, paired_differences
 from lite_ft.model import load_base, load_tokenizer
 from lite_ft.recipe.load import load_recipe
 from lite_ft.recipe.precision import pick_device, pick_dtype
@@ -31,6 +32,35 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
              ) -> dict[str, Any]:
     """Evaluate `target` on the eval data of `recipe` (default: a run folder's own recipe.yaml, with overrides);
     write metrics.json and predictions.jsonl into `out` when given. Returns the metrics."""
+    return _evaluated(target, recipe, out, overrides)[0]
+
+
+def compare(target: str | os.PathLike[str], other: str | os.PathLike[str],
+            recipe: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+            ) -> dict[str, Any]:
+    """Evaluate `target` and `other` on the same eval examples (the recipe of `target`, as evaluate() finds it)
+    and return both metrics and, per score, target minus other with its paired bootstrap 95% interval."""
+    first, records_a = _evaluated(target, recipe, None, overrides)
+    recipe = recipe if recipe is not None else Path(target).expanduser() / "recipe.yaml"
+    second, records_b = _evaluated(other, recipe, None, overrides)
+    differences = paired_differences(first["task"], records_a, records_b)
+    return {"task": first["task"], "a": first, "b": second, "differences": differences}
+
+
+def compare_summary(result: dict[str, Any]) -> str:
+    """The two evaluations and their paired differences, for the terminal."""
+    lines = [summary(result["a"]), summary(result["b"]), "A - B, paired over the same examples:"]
+    for key, d in result["differences"].items():
+        verdict = "within noise" if d["within_noise"] else "beyond noise"
+        lines.append(f"  {key}: {d['difference']:+.2f} [95% interval {d['low']:+.2f}, {d['high']:+.2f}], "
+                     f"n {d['n']}: {verdict}")
+    return "\n".join(lines)
+
+
+def _evaluated(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | None,
+               out: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """evaluate()'s work: the metrics and the prediction records."""
     path = Path(target).expanduser()
     is_run = path.is_dir() and (path / "recipe.yaml").is_file()
     if recipe is None and not is_run:
@@ -49,7 +79,7 @@ def evaluate(target: str | os.PathLike[str], recipe: str | os.PathLike[str] | No
                "data": {"eval": eval_split.report()}, "versions": versions()}
     if out is not None:
         _write(Path(out).expanduser(), metrics, predictions)
-    return metrics
+    return metrics, predictions
 
 
 def _load(path: Path, is_run: bool, recipe: Any, num_labels: int | None, device: torch.device
@@ -104,5 +134,7 @@ def _write(out: Path, metrics: dict[str, Any], predictions: list[dict[str, Any]]
 def summary(metrics: dict[str, Any]) -> str:
     """One line of scores for the terminal."""
     scores = metrics["eval"]
-    shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    intervals = scores.get("intervals", {})
+    shown = ", ".join(f"{k} {describe(v, intervals.get(k))}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in scores.items() if k != "intervals")
     return f"{metrics['evaluated']} ({metrics['kind']}): {shown}"

@@ -17,6 +17,7 @@ import torch
 from lite_ft.data.load import Split, fingerprint, load_splits
 from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import DataError, OutOfMemory, WriteFailed
+from lite_ft.intervals import describe
 from lite_ft.metrics import SCORE_KEYS
 from lite_ft.model import Built, build, count_params
 from lite_ft.recipe.load import dump_recipe
@@ -27,6 +28,7 @@ from lite_ft.sources.resolve import resolve_source
 from lite_ft.training import checkpoint, distributed, rundir, sharding, writes
 from lite_ft.training.checkpoint import Checkpointing
 from lite_ft.training.distributed import Dist
+from lite_ft.training.evaluation import DuringEval, eval_batches
 from lite_ft.training.lock import RunLock
 from lite_ft.training.loop import RESUME_HINT, set_seed, train
 from lite_ft.training.memory import MemoryMonitor, describe_breakdown, return_freed_memory
@@ -145,7 +147,8 @@ def _train_and_evaluate(job: _Job, task: Any, splits: tuple[Split, Split | None]
             stats = train(built.model, encoded, recipe.train, pad_id=built.tokenizer.pad_token_id,
                           causal=task.causal, precision=job.placement.precision, monitor=monitor,
                           log_path=out / "train_log.jsonl", dist=dist, trackers=trackers,
-                          checkpointing=Checkpointing(out / "checkpoints", recipe, resume=job.plan.resume, data=data))
+                          checkpointing=Checkpointing(out / "checkpoints", recipe, resume=job.plan.resume, data=data),
+                          evaluation=_during_eval(job, task, built, eval_split))
         finally:
             if trackers:
                 trackers.finish()
@@ -192,6 +195,28 @@ def _baseline(job: _Job, task: Any, built: Built, split: Split) -> dict[str, Any
                                Dist() if job.dist.fsdp else job.dist)
     job.write_json("baseline_eval.json", scores)
     return scores
+
+
+def _during_eval(job: _Job, task: Any, built: Built, split: Split | None) -> DuringEval | None:
+    """eval.every's evaluations: every eval example encoded as for training (its eval loss), and the task's scores
+    on the first eval.during_limit examples."""
+    recipe = job.recipe
+    if not recipe.eval.every:
+        return None
+    if split is None:
+        raise DataError("eval.every: there is no eval data to evaluate during training; set data.eval or "
+                        "data.holdout, or eval.every=0")
+    encoded = [e for e in (task.encode(x, built.tokenizer, recipe) for x in split.examples) if e is not None]
+    if not encoded:
+        raise DataError(f"eval.every: no eval example fits in data.max_length={recipe.data.max_length} tokens")
+    batches = eval_batches(encoded, recipe.eval.batch_size, built.tokenizer.pad_token_id, task.causal)
+    scores = None
+    if recipe.eval.during_limit:
+        few, dist = split.examples[:recipe.eval.during_limit], Dist() if job.dist.fsdp else job.dist
+
+        def scores() -> dict[str, Any]:
+            return evaluate_timed(task, built.model, built.tokenizer, few, recipe, built.device, dist)[0]
+    return DuringEval(recipe.eval.every, batches, task.causal, len(encoded), scores)
 
 
 def _halve_micro_batch(recipe: Recipe) -> Recipe:
@@ -258,11 +283,12 @@ def _describe_device(device: torch.device) -> str:
 def summary(metrics: dict[str, Any]) -> str:
     """A small before/after table of the task scores and the training figures, for the terminal."""
     keys = SCORE_KEYS[metrics["task"]]
-    rows = [("", *keys)]
-    if "baseline_eval" in metrics:
-        rows.append(("before training", *(f"{metrics['baseline_eval'][k]:.2f}" for k in keys)))
-    if "eval" in metrics:
-        rows.append(("after training", *(f"{metrics['eval'][k]:.2f}" for k in keys)))
+    rows = [("", *(f"{k} [95% interval]" for k in keys), "n")]
+    for name, key in (("before training", "baseline_eval"), ("after training", "eval")):
+        if key in metrics:
+            scores = metrics[key]
+            rows.append((name, *(describe(scores[k], scores.get("intervals", {}).get(k)) for k in keys),
+                         str(scores.get("n", ""))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     t = metrics["train"]
@@ -273,6 +299,14 @@ def summary(metrics: dict[str, Any]) -> str:
                  + (f", {n} eval examples" if n else ""))
     if t.get("memory_breakdown"):
         lines.append(describe_breakdown(t["memory_breakdown"]))
+    if t.get("best"):
+        b = t["best"]
+        lines.append(f"train.keep_best: the result is step {b['step']}'s weights (best {b['metric']} "
+                     f"{b['value']:.4g} of the evaluations during training)")
+    if (t.get("early_stop") or {}).get("stopped_after_step"):
+        e = t["early_stop"]
+        lines.append(f"stopped early after step {e['stopped_after_step']} of {t['planned_steps']}: {e['metric']} "
+                     f"did not improve for {e['patience']} evaluations (best at step {e['best']['step']})")
     for name, report in metrics["data"].items():
         if report and report["skipped"]:
             reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped"].items())

@@ -62,6 +62,26 @@ def test_qa_lora_run_metrics(qa_run: tuple[Path, Result, Path]) -> None:
     assert train["device"].startswith("cpu") and train["dtype"] == "float32"
     assert metrics["data"]["train"]["used"] == 8 and metrics["data"]["eval"]["used"] == 4
     assert "before training" in result.output and "after training" in result.output
+    for key in ("exact_match", "f1"):  # every score with its n and 95% interval, in metrics.json and the table
+        interval = metrics["eval"]["intervals"][key]
+        assert interval["n"] == 4 and interval["low"] <= metrics["eval"][key] <= interval["high"]
+        assert f"{metrics['eval'][key]:.2f} [{interval['low']:.2f}, {interval['high']:.2f}]" in result.output
+
+
+def test_eval_compare_prints_the_paired_difference(qa_run: tuple[Path, Result, Path], tiny_llama_dir: Path) -> None:
+    from lite_ft.evaluate import compare
+
+    _, _, out = qa_run
+    result = compare(out, tiny_llama_dir)  # the trained run against its untrained base, on the same 4 questions
+    for key in ("exact_match", "f1"):
+        d = result["differences"][key]
+        assert d["difference"] == pytest.approx(result["a"]["eval"][key] - result["b"]["eval"][key])
+        assert d["low"] <= d["difference"] <= d["high"] and d["n"] == 4
+        assert d["within_noise"] == (d["low"] <= 0 <= d["high"])
+    same = compare(out, out)["differences"]
+    assert all(d["difference"] == 0 and d["within_noise"] for d in same.values())
+    shown = ok("eval", out, "--compare", tiny_llama_dir).output
+    assert "A - B, paired over the same examples" in shown and "f1: " in shown and "noise" in shown
 
 
 def test_qa_lora_run_predictions_and_logs(qa_run: tuple[Path, Result, Path]) -> None:

@@ -32,6 +32,8 @@ COLUMNS: dict[str, str] = {
     "final_loss": "mean training loss over the last logging window",
     "exact_match / f1": "qa: SQuAD exact match and token F1 on the eval data, percent",
     "accuracy / macro_f1": "classification: accuracy and macro-averaged F1 on the eval data, percent",
+    "<score>_95ci / n": "each score's 95% interval over the eval examples (Wilson for accuracy and exact match, "
+                        "else a seeded bootstrap), and how many examples were scored",
     "eval_examples_per_second": "evaluation speed (batched greedy decoding for qa)",
     "wall_seconds": "the method's whole run, model loading and evaluation included",
     "processes": "processes the method trained on (--nproc); tokens/s is their total",
@@ -73,11 +75,14 @@ def table_rows(record: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
     scores = next((r["score_names"] for r in record["methods"] if r["status"] == "ok"), [])
     names = [c for c in COLUMNS if " / " not in c]
     at = names.index("eval_examples_per_second")
-    names[at:at] = scores
+    names[at:at] = [c for k in scores for c in (k, f"{k}_95ci")] + (["eval_n"] if scores else [])
     rows = []
     for r in record["methods"]:
         parts = r.get("breakdown_mib", {})
         flat = {k: r.get(k) for k in names}
+        for k in scores:
+            ci = (r.get("intervals") or {}).get(k)
+            flat[f"{k}_95ci"] = f"[{ci['low']:.1f}, {ci['high']:.1f}]" if ci else None
         flat["weights_mib"] = sum(v for k, v in parts.items() if k.startswith("weights")) if parts else None
         for column, part in _PARTS.items():
             flat[column] = parts.get(part)
@@ -130,8 +135,23 @@ def markdown(record: dict[str, Any], names: list[str], rows: list[dict[str, Any]
                    if k.startswith("weights") and v >= 0.05}  # not position-id buffers and the like
         if weights:
             lines.append(f"- {r['method']} frozen weights: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in weights.items()))
+    lines += differences_table(record.get("differences", []))
     lines += ["", f"Command: `{record['command']}`", ""]
     return "\n".join(lines)
+
+
+def differences_table(found: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each pair of methods' paired difference per score, marked within noise when its 95%
+    interval contains 0."""
+    if not found:
+        return []
+    lines = ["", "Differences between methods (A - B on the same eval examples; paired bootstrap, 95%):", "",
+             "| A - B | score | difference | 95% interval | n | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for d in found:
+        verdict = "within noise" if d["within_noise"] else "beyond noise"
+        lines.append(f"| {d['a']} - {d['b']} | {d['score']} | {d['difference']:+.2f} | "
+                     f"[{d['low']:+.2f}, {d['high']:+.2f}] | {d['n']} | {verdict} |")
+    return lines
 
 
 def _pyplot() -> Any:

@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from lite_ft.bench.report import environment, write_reports
 from lite_ft.errors import RecipeError
+from lite_ft.intervals import paired_differences
 from lite_ft.metrics import SCORE_KEYS
 from lite_ft.recipe.load import load_recipe
+from lite_ft.util import read_jsonl
 
 # What each method means as recipe keys. lora-8bit: LoRA adapters over an 8-bit (LLM.int8) base.
 METHODS: dict[str, dict[str, str]] = {
@@ -110,6 +112,7 @@ def bench(bench_plan: BenchPlan) -> dict[str, Any]:
     for i, method in enumerate(bench_plan.methods, 1):
         rows.append(_run_method(method, bench_plan, f"[{i}/{len(bench_plan.methods)}] {method.name}"))
     record = {"recipe": str(bench_plan.recipe), "steps": bench_plan.steps, "methods": rows,
+              "differences": differences(rows, {m.name: m.run_dir for m in bench_plan.methods}),
               "environment": environment(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     write_reports(record, bench_plan.out)
     return record
@@ -148,7 +151,8 @@ def _follow(run_dir: Path, bar: tqdm, steps: int) -> None:
     log = run_dir / "train_log.jsonl"
     done = 0
     if log.is_file():
-        done = sum(1 for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+        done = sum(1 for line in log.read_text(encoding="utf-8").splitlines()
+                   if line.strip() and '"eval_loss"' not in line)  # evaluations have lines of their own
     bar.update(min(done, steps) - bar.n)
     bar.set_postfix_str("loading" if done == 0 else "training" if done < steps else "evaluating")
 
@@ -158,6 +162,19 @@ def _last_error(log: Path) -> str:
     lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors[-1][len("error:"):].strip() if errors else lines[-1] if lines else "no output")[:500]
+
+
+def differences(rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Each pair of evaluated methods, A - B per score on the examples both scored, with the paired bootstrap
+    95% interval; `within_noise` when it contains 0."""
+    ok = [r for r in rows if r["status"] == "ok" and (run_dirs[r["method"]] / "predictions.jsonl").is_file()]
+    records = {r["method"]: read_jsonl(run_dirs[r["method"]] / "predictions.jsonl") for r in ok}
+    found = []
+    for i, a in enumerate(ok):
+        for b in ok[i + 1:]:
+            paired = paired_differences(a["task"], records[a["method"]], records[b["method"]])
+            found += [{"a": a["method"], "b": b["method"], "score": k, **v} for k, v in paired.items()]
+    return found
 
 
 def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +189,8 @@ def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
             "memory_source": t["memory_source"], "breakdown_mib": breakdown.get("parts_mib", {}),
             "tokens_per_second": t["tokens_per_second"], "seconds_per_step": t["seconds_per_step"],
             "final_loss": t["final_loss"], "score_names": list(scores),
-            **{k: evaluation.get(k) for k in scores},
+            **{k: evaluation.get(k) for k in scores}, "task": metrics["task"],
+            "intervals": evaluation.get("intervals", {}),
             "eval_examples_per_second": evaluation.get("examples_per_second"), "eval_n": evaluation.get("n"),
             "dtype": t.get("dtype"), "device": t.get("device"), "quantization": metrics.get("quantization"),
             "processes": (t.get("processes") or {}).get("world_size", 1),

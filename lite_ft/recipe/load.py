@@ -21,6 +21,7 @@ import yaml
 from lite_ft.errors import RecipeError
 from lite_ft.recipe.preflight import check_environment
 from lite_ft.recipe.schema import (
+    DURING_SCORES,
     SECTIONS,
     DataConfig,
     EvalConfig,
@@ -150,7 +151,12 @@ def _build_section(name: str, cls: type, section: dict[str, Any], problems: list
 
 
 def _all_keys() -> set[str]:
-    return {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for s, cls in SECTIONS.items():  # the keys of nested mappings (train.early_stop.patience)
+        keys |= {f"{s}.{name}.{f.name}" for name, hint in typing.get_type_hints(cls).items()
+                 for arm in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(arm)
+                 for f in dataclasses.fields(arm)}
+    return keys
 
 
 def _unknown(key: str, candidates: set[str]) -> str:
@@ -175,6 +181,9 @@ def _expand_env(value: Any) -> Any:
 
 def _check(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
     """Return `value` converted to the type `hint`, or append a problem and return the value unchanged."""
+    nested = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+    if nested and isinstance(value, dict):  # a mapping of its own keys, e.g. train.early_stop: {metric, patience}
+        return _build_section(key, nested[0], value, problems)
     ok, converted = _convert(value, hint)
     if not ok:
         guess = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(hint)], n=1, cutoff=0.6) \
@@ -236,6 +245,8 @@ def _describe(hint: Any) -> str:
         return "a list of strings"
     if origin is dict:
         return "a mapping of strings to strings"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
              type(None): "null"}
     return names.get(hint, str(hint))
@@ -277,6 +288,11 @@ def _check_ranges(r: Recipe, problems: list[str]) -> None:
         ("eval.batch_size", r.eval.batch_size, 1 <= r.eval.batch_size <= MAX_BATCH, f"use 1 to {MAX_BATCH}"),
         ("eval.max_new_tokens", r.eval.max_new_tokens, 1 <= r.eval.max_new_tokens <= MAX_TOKENS,
          f"use 1 to {MAX_TOKENS:,}"),
+        ("eval.every", r.eval.every, 0 <= r.eval.every <= MAX_STEPS, "use 0 (only the final evaluation) or more"),
+        ("eval.during_limit", r.eval.during_limit, r.eval.during_limit is None or 1 <= r.eval.during_limit
+         <= MAX_EXAMPLES, "use 1 or more, or leave it unset (the eval loss only)"),
+        *([("train.early_stop.patience", t.early_stop.patience, 1 <= t.early_stop.patience <= MAX_STEPS,
+            "use 1 or more evaluations")] if t.early_stop else []),
     ]
     for key, value, ok, fix in rules:
         if not ok:
@@ -295,6 +311,32 @@ def _check_combinations(r: Recipe, problems: list[str]) -> None:
         problems.append("data.holdout: set together with data.eval; keep one of them (holdout splits data.train)")
     if r.task != "classification" and r.data.labels:
         problems.append(f"data.labels: only used by task classification; remove it for task {r.task}")
+    _check_tracking(r, problems)
+
+
+def _check_tracking(r: Recipe, problems: list[str]) -> None:
+    """train.keep_best and train.early_stop need evaluations during training, eval data, and a known metric."""
+    scores = DURING_SCORES[r.task]
+    if r.eval.during_limit and not scores:
+        problems.append(f"eval.during_limit: task {r.task}'s scores are its eval loss, which eval.every already "
+                        "logs; remove eval.during_limit")
+    has_eval = bool(r.data.eval or r.data.holdout) or not (r.data.train.startswith("builtin:") or
+                                                           Path(r.data.train).suffix)  # a Hub id: its eval split
+    stop = r.train.early_stop.metric if r.train.early_stop else None
+    for key, where, metric in (("train.keep_best",) * 2 + (r.train.keep_best,),
+                               ("train.early_stop.metric", "train.early_stop", stop)):
+        if metric is None:
+            continue
+        if not r.eval.every:
+            problems.append(f"{where}: needs evaluations during training; set eval.every (e.g. eval.every=20)")
+        if not has_eval:
+            problems.append(f"{where}: needs eval data; set data.eval or data.holdout")
+        known = ("eval_loss", *scores)
+        if metric not in known:
+            problems.append(f"{key}: {metric!r} is not a metric of task {r.task}; use one of {', '.join(known)}")
+        elif metric != "eval_loss" and not r.eval.during_limit:
+            problems.append(f"{key}: {metric} is a task score; set eval.during_limit (e.g. 100) so that it is "
+                            "computed at each evaluation, or use eval_loss")
 
 
 def _resolve(r: Recipe) -> Recipe:

@@ -76,6 +76,15 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class EarlyStop:
+    metric: str = setting("eval_loss", result=True)
+    """What must improve: eval_loss, or a task score that eval.during_limit computes (qa: exact_match, f1;
+    classification: accuracy, macro_f1). eval_loss is lower-is-better, the scores higher-is-better."""
+    patience: int = setting(3, result=True)
+    """Evaluations (eval.every) without improvement after which training stops."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = setting(None, result=True)
     """Optimizer steps; unset: run `epochs` passes over the data."""
@@ -116,6 +125,14 @@ class TrainConfig:
     Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""
     memory_snapshot: bool = setting(False, result=False)
     """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
+    keep_best: str | None = setting(None, result=True)
+    """Keep the weights of the evaluation (eval.every) with the best METRIC as the run's result instead of the last
+    step's: eval_loss (lower is better) or a task score computed on eval.during_limit examples (f1, exact_match,
+    accuracy, macro_f1; higher is better). metrics.json says which step (`best`). The best weights wait in
+    checkpoints/best/ (one extra copy of the trainable weights on disk)."""
+    early_stop: EarlyStop | None = setting(None, result=True)
+    """Stop when early_stop.metric has not improved for early_stop.patience evaluations, e.g.
+    {metric: eval_loss, patience: 3}. Needs eval.every."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,13 @@ class EvalConfig:
     batch_size: int = setting(16, result=False)
     max_new_tokens: int = setting(32, result=False)
     """Generation budget per answer (qa)."""
+    every: int = setting(0, result=False)
+    """During training, the eval loss (teacher-forced, batched: no generation) every this many optimizer steps
+    and after the last one, into train_log.jsonl, the progress bar and the trackers (0: only the final
+    evaluation). Cost: one forward pass over the eval set per evaluation."""
+    during_limit: int | None = setting(None, result=False)
+    """With eval.every, also the task's scores (qa: generation) on the first this many eval examples at each
+    evaluation; needed for train.keep_best or train.early_stop on a score. Unset: the eval loss only."""
 
 
 @dataclass(frozen=True)
@@ -164,3 +188,5 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "lora": LoraSection,
     "train": TrainConfig, "eval": EvalConfig, "output": OutputConfig,
 }
+LOWER_IS_BETTER = ("eval_loss",)  # tracked metrics where smaller is better; task scores are higher-is-better
+DURING_SCORES = {"qa": ("exact_match", "f1"), "classification": ("accuracy", "macro_f1"), "instruction": ()}

@@ -213,3 +213,49 @@ def _write_synced(path: Path, text: str) -> None:
             if p.is_file() and p != path:
                 with open(p, "rb") as g:
                     os.fsync(g.fileno())
+
+
+BEST = "best"  # checkpoints/best/step-NNNNNN: the trainable weights of train.keep_best's best evaluation
+
+
+def save_best(ck: Checkpointing, step: int, trainable: dict[str, torch.Tensor], value: dict[str, Any]) -> Path:
+    """Write the best evaluation's trainable weights atomically, with a manifest, as checkpoints/best/step-NNNNNN.
+    Older best folders are kept while a checkpoint still refers to them (a resume from it needs them)."""
+    final = ck.folder / BEST / f"step-{step:06d}"
+
+    def write(staging: Path) -> None:
+        staging.mkdir()
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in trainable.items()},
+                  staging / "trainable.safetensors")
+        (staging / "state.json").write_text(json.dumps({"step": step, **value}, indent=2))
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
+        _write_synced(staging / MANIFEST, json.dumps(files, indent=2))
+
+    writes.atomic_write(final, f"the best weights ({BEST}/{final.name})", write,
+                        "The last checkpoint is intact: free disk space, then run the same command with --resume")
+    prune_best(ck.folder, keep={step})
+    return final
+
+
+def prune_best(folder: Path, keep: set[int], after: int | None = None) -> None:
+    """Remove best folders that neither `keep` nor any complete checkpoint refers to; with `after`, also those of
+    steps past it (a resumed run trains those steps again and writes its own)."""
+    referenced = set(keep)
+    for path in complete(folder):
+        best = (json.loads((path / "state.json").read_text()).get("tracking") or {}).get("best")
+        if best:
+            referenced.add(best["step"])
+    for path in complete(folder / BEST):
+        step = int(path.name.split("-")[1])
+        if step not in referenced or (after is not None and step > after):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_best(folder: Path, step: int) -> dict[str, torch.Tensor]:
+    """The trainable weights kept for `step`, verified against their manifest."""
+    path = folder / BEST / f"step-{step:06d}"
+    problem = verify(path) if path.is_dir() else "it is missing"
+    if problem:
+        raise LiteFTError(f"the best weights of step {step} ({path}) cannot be used: {problem}. Run again with "
+                          "--overwrite, or without train.keep_best")
+    return load_file(path / "trainable.safetensors")

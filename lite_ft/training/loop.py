@@ -23,6 +23,7 @@ from lite_ft.recipe.schema import TrainConfig
 from lite_ft.training import checkpoint, sharding, writes
 from lite_ft.training.checkpoint import Checkpointing
 from lite_ft.training.distributed import Dist
+from lite_ft.training.evaluation import DuringEval, KeptWeights, Tracking
 from lite_ft.training.loss import LossGuard
 from lite_ft.training.memory import MemoryMonitor, StepPhases
 from lite_ft.training.step import Objective, StepResult, Stepper, planned_steps, step_stream
@@ -121,11 +122,18 @@ class _Log:
     t0: float = field(default_factory=time.perf_counter)
     final_loss: float = float("nan")  # mean loss of the last window: steadier than one step's loss
     trackers: Trackers | None = None
+    eval_loss: float | None = None  # the last evaluation's, shown on the progress bar
 
     def add(self, step: int, result: StepResult, lr: float, last: bool, every: int) -> None:
         self.loss, self.steps, self.tokens = self.loss + result.loss, self.steps + 1, self.tokens + result.tokens
         self.bar.update(1)
         if step % every and not last:
+            return
+        self.flush(step, lr)
+
+    def flush(self, step: int, lr: float) -> None:
+        """Write the window's entry (a no-op for an empty window)."""
+        if not self.steps:
             return
         now = time.perf_counter()
         entry = {"step": step, "loss": self.loss / self.steps, "lr": lr,
@@ -136,15 +144,28 @@ class _Log:
             self.file.write(entry)
         if self.trackers:
             self.trackers.log(entry)
-        self.bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}",
-                             mem=f"{entry['memory_mib']:.0f}MiB")
+        self._postfix(entry)
         self.loss, self.steps, self.tokens, self.t0 = 0.0, 0, 0, time.perf_counter()
+
+    def evaluation(self, entry: dict[str, Any]) -> None:
+        """One evaluation during training (eval.every): its own line in the log, the trackers and the bar."""
+        self.eval_loss = entry["eval_loss"]
+        if self.file:
+            self.file.write(entry)
+        if self.trackers:
+            self.trackers.log(entry)
+        self.t0 += entry["eval_seconds"]  # tokens/s measures training, not the evaluation in between
+
+    def _postfix(self, entry: dict[str, Any]) -> None:
+        extra = {"eval_loss": f"{self.eval_loss:.3f}"} if self.eval_loss is not None else {}
+        self.bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_second']:.0f}",
+                             mem=f"{entry['memory_mib']:.0f}MiB", **extra)
 
 
 def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfig, *, pad_id: int, causal: bool,
           precision: Precision, monitor: MemoryMonitor, log_path: Path | None = None,
-          checkpointing: Checkpointing | None = None, dist: Dist | None = None, trackers: Trackers | None = None
-          ) -> dict[str, Any]:
+          checkpointing: Checkpointing | None = None, dist: Dist | None = None, trackers: Trackers | None = None,
+          evaluation: DuringEval | None = None) -> dict[str, Any]:
     """Train for planned_steps(...) optimizer steps; returns the figures that metrics.json reports under `train`.
 
     Writes one JSON line per logging step to `log_path`. Memory phases: first_forward, first_backward,
@@ -152,6 +173,10 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
     cfg.save_every steps and on Ctrl-C, and resumes from `checkpointing.resume`: weights, optimizer, scheduler, RNG
     states and data position, so the result equals an uninterrupted run's. On N processes (`dist`) every rank runs
     this; rank 0 alone writes the log, the checkpoints and the progress bar.
+
+    With `evaluation` (eval.every), evaluates every evaluation.every steps and after the last; cfg.keep_best then
+    leaves the best evaluation's weights in the model at the end, and cfg.early_stop ends training early. Their
+    state (best so far, patience) is in every checkpoint.
     """
     dist = dist or Dist()
     stepper = _make_stepper(model, cfg, precision, causal, len(encoded), dist)
@@ -162,6 +187,13 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
         resumed = checkpoint.load(checkpointing.resume, model, stepper.optimizer, stepper.scheduler, dist.rank,
                                   sharded=dist.fsdp)
         done, real_tokens, resumed_state = resumed.step, resumed.real_tokens, resumed.state
+    tracking = Tracking(cfg.keep_best, cfg.early_stop)
+    tracking.restore(resumed_state.get("tracking"))
+    kept = KeptWeights(checkpointing, dist)
+    if checkpointing and cfg.keep_best and dist.is_main:  # best weights of steps to be trained again are stale
+        checkpoint.prune_best(checkpointing.folder, keep={tracking.best["step"]} if tracking.best else set(),
+                              after=done)
+    end = tracking.stopped or total  # a run that stopped early and then crashed does not train on
     steps = step_stream(encoded, cfg, pad_id, causal, done=done, rank=dist.rank, world=dist.world)
     first_step, session_tokens, local_tokens, bad = done + 1, 0, 0, 0
     phases = StepPhases(monitor, first=True)
@@ -171,7 +203,7 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
                final_loss=resumed_state.get("final_loss", float("nan")), trackers=trackers)
     try:
         with _StopFlag() as stop:
-            for step in range(first_step, total + 1):
+            for step in range(first_step, end + 1):
                 phases = StepPhases(monitor, first=step == first_step)
                 with phases:
                     result = stepper.step(next(steps), phases)
@@ -184,23 +216,36 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
                 real_tokens, session_tokens = real_tokens + result.tokens, session_tokens + result.tokens
                 local_tokens += result.local_tokens
                 log.add(step, result, stepper.scheduler.get_last_lr()[0], step == total, cfg.log_every)
+                if evaluation and evaluation.due(step, total):
+                    entry = evaluation(step, model, stepper.loss, precision, dist)
+                    log.evaluation(entry)
+                    if tracking.update(entry):
+                        kept.keep(step, stepper, tracking.best)
+                if tracking.stopped == step:
+                    end = step
+                    log.flush(step, stepper.scheduler.get_last_lr()[0])
                 # The last step is always checkpointed: a crash while saving or evaluating never trains again.
-                saved = bool(checkpointing) and (step == total or bool(cfg.save_every) and step % cfg.save_every == 0)
+                saved = bool(checkpointing) and (step == end or bool(cfg.save_every) and step % cfg.save_every == 0)
                 if saved:
-                    _save(checkpointing, step, stepper, real_tokens, log.final_loss)
+                    _save(checkpointing, step, stepper, real_tokens, log.final_loss, tracking)
                 signum = dist.max(stop.raised or 0)  # every rank stops after the same step
-                if signum and step < total:
+                if signum and step < end:
                     raise _interrupted(signum, checkpointing, step, total, stepper, real_tokens, log.final_loss,
-                                       saved)
+                                       saved, tracking)
+                if step == end:  # the last planned step, or early stopping's
+                    break
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(_oom_message(monitor, phases.current, cfg)) from None
     finally:
         bar.close()
         if log.file:
             log.file.close()
+    if cfg.keep_best and tracking.best:
+        kept.restore(tracking.best["step"], stepper)  # the run's result: the best evaluation's weights
     wall = time.perf_counter() - log.started
-    return {"steps": total, "final_loss": log.final_loss, "tokens_per_second": session_tokens / max(wall, 1e-9),
-            "real_tokens": real_tokens, "seconds_per_step": wall / max(total - first_step + 1, 1),
+    return {"steps": end, "planned_steps": total, **tracking.report(), "final_loss": log.final_loss,
+            "tokens_per_second": session_tokens / max(wall, 1e-9),
+            "real_tokens": real_tokens, "seconds_per_step": wall / max(end - first_step + 1, 1),
             "rank_tokens_per_second": local_tokens / max(wall, 1e-9),
             "wall_seconds": wall, "resumed_from_step": first_step - 1, "skipped_nonfinite": bad,
             "loss_path": stepper.loss.report, "precision": precision.describe(),
@@ -223,7 +268,8 @@ def _make_stepper(model: torch.nn.Module, cfg: TrainConfig, precision: Precision
                    scaler=precision.make_scaler())
 
 
-def _save(ck: Checkpointing, step: int, stepper: Stepper, real_tokens: int, final_loss: float) -> Path:
+def _save(ck: Checkpointing, step: int, stepper: Stepper, real_tokens: int, final_loss: float,
+          tracking: Tracking) -> Path:
     """A checkpoint of every rank's RNG state (gathered) and rank 0's weights and optimizer, written by rank 0."""
     dist = stepper.dist
     states = dist.gather(checkpoint.rng_state())
@@ -232,17 +278,20 @@ def _save(ck: Checkpointing, step: int, stepper: Stepper, real_tokens: int, fina
     path = ck.folder / f"step-{step:06d}"
     if dist.is_main:
         checkpoint.save(ck, step, stepper.model, stepper.optimizer, stepper.scheduler, real_tokens,
-                        extra={"final_loss": final_loss}, rng_states=states, trainable=full[0],
-                        optimizer_state=full[1])
+                        extra={"final_loss": final_loss, "tracking": tracking.state()}, rng_states=states,
+                        trainable=full[0], optimizer_state=full[1])
+        if tracking.best:  # the checkpoints it replaced may have held older best weights
+            checkpoint.prune_best(ck.folder, keep={tracking.best["step"]})
     return path
 
 
 def _interrupted(signum: int, ck: Checkpointing | None, step: int, total: int, stepper: Stepper, real_tokens: int,
-                 final_loss: float, saved: bool) -> Interrupted:
+                 final_loss: float, saved: bool, tracking: Tracking) -> Interrupted:
     """The error a stop signal becomes, after a checkpoint of the step just finished (unless it was saved)."""
     path = None
     if ck:
-        path = ck.folder / f"step-{step:06d}" if saved else _save(ck, step, stepper, real_tokens, final_loss)
+        path = ck.folder / f"step-{step:06d}" if saved else _save(ck, step, stepper, real_tokens, final_loss,
+                                                                  tracking)
     where = f"checkpoint {path}" if path else "no checkpoint (none configured)"
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     error = Interrupted(f"interrupted after step {step} of {total} ({name}); saved {where}. Run the same command "

@@ -90,3 +90,8 @@ def load_full(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights:
     """Load a checkpoint's full trainable weights and optimizer state into the sharded model and optimizer."""
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=LOAD)
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load full trainable weights (the kept best evaluation's) into the sharded model; every rank calls it."""
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -13,9 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import train_steps
-from lite_ft.bench.runner import bench, plan
-from lite_ft.bench.report import COLUMNS
+from helpers import train_steps, write_jsonl
+from lite_ft.bench.runner import bench, differences, plan
+from lite_ft.bench.report import COLUMNS, markdown, table_rows
+from lite_ft.intervals import score_intervals
+from lite_ft.metrics import qa_scores
 from lite_ft.cli import main
 from lite_ft.recipe.load import load_recipe
 from lite_ft.errors import RecipeError
@@ -48,8 +50,9 @@ def test_bench_runs_two_methods_and_writes_the_documented_files(
     with open(out / "bench.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     documented = [c for c in COLUMNS if " / " not in c]
-    assert [c for c in rows[0] if c not in ("exact_match", "f1")] == documented
-    assert {"exact_match", "f1"} <= rows[0].keys()
+    scores = ("exact_match", "exact_match_95ci", "f1", "f1_95ci", "eval_n")
+    assert [c for c in rows[0] if c not in scores] == documented
+    assert set(scores) <= rows[0].keys()
     for row in rows:
         assert float(row["tokens_per_second"]) > 0 and float(row["peak_memory_mib"]) > 0
         assert 0 <= float(row["f1"]) <= 100
@@ -63,7 +66,10 @@ def test_bench_runs_two_methods_and_writes_the_documented_files(
     env = json.loads((out / "bench.json").read_text())["environment"]
     assert {"cpu", "ram_gib", "versions"} <= env.keys() and {"torch", "peft", "bitsandbytes"} <= env["versions"].keys()
     md = (out / "bench.md").read_text()
-    assert md.count("\n| lora") == 1 and md.count("\n| qlora") == 1
+    assert md.count("\n| lora |") == 1 and md.count("\n| qlora |") == 1
+    assert [(d["a"], d["b"], d["score"]) for d in record["differences"]] == [("lora", "qlora", "exact_match"),
+                                                                            ("lora", "qlora", "f1")]
+    assert md.count("\n| lora - qlora |") == 2 and all(d["n"] == 6 for d in record["differences"])
     for name in ("bench_memory.png", "bench_tradeoff.png"):
         assert (out / name).read_bytes().startswith(PNG)
 
@@ -83,6 +89,32 @@ def test_a_failing_method_is_reported_and_the_others_still_run(
     assert ok["status"] == "ok" and ok["f1"] is not None
     assert "qlora failed" in (out / "bench.md").read_text()
     assert (out / "bench_memory.png").read_bytes().startswith(PNG)
+
+
+def test_bench_tables_show_intervals_and_mark_within_noise_differences(tmp_path: Path) -> None:
+    refs = [[f"answer {i}"] for i in range(60)]
+    predictions = {"right": [r[0] for r in refs], "wrong": ["nothing"] * 60,
+                   "nearly": [r[0] if i else "nothing" for i, r in enumerate(refs)]}  # one question apart
+    rows = []
+    for name, preds in predictions.items():
+        records = [{"id": str(i), "prediction": p, "references": r} for i, (p, r) in enumerate(zip(preds, refs))]
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "predictions.jsonl", records)
+        scores = qa_scores(preds, refs)
+        rows.append({"method": name, "status": "ok", "task": "qa", "score_names": ["exact_match", "f1"],
+                     "breakdown_mib": {}, "eval_n": 60, **{k: scores[k] for k in ("exact_match", "f1")},
+                     "intervals": score_intervals("qa", records)})
+    found = differences(rows, {name: tmp_path / name for name in predictions})
+    verdict = {(d["a"], d["b"], d["score"]): d["within_noise"] for d in found}
+    assert verdict[("right", "wrong", "f1")] is False and verdict[("right", "nearly", "f1")] is True
+    assert verdict[("wrong", "nearly", "exact_match")] is False
+    record = {"recipe": "r.yaml", "steps": 1, "methods": rows, "differences": found, "command": "lite-ft bench",
+              "environment": {"cpu": "cpu", "logical_cores": 2, "ram_gib": 1, "versions": {}}}
+    names, table = table_rows(record)
+    assert names[names.index("f1") + 1] == "f1_95ci" and table[1]["exact_match_95ci"] == "[0.0, 6.0]"  # Wilson, 0 of 60
+    md = markdown(record, names, table)
+    assert "| right - nearly | f1 | +1.67 | [+0.00, +5.00] | 60 | within noise |" in md
+    assert "| right - wrong | f1 | +100.00 | [+100.00, +100.00] | 60 | beyond noise |" in md
 
 
 def test_bench_plan_reports_every_problem_before_running(

@@ -195,3 +195,28 @@ def test_fsdp_on_two_processes_computes_what_one_does_and_resumes(
     finished(lite_ft(["run", str(sharded)], tmp_path, nproc=2))
     resumed = load_file(tmp_path / "fsdp" / weights)
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+@pytest.mark.slow  # one single-process and two two-process runs: about 60 s here
+def test_eval_during_training_on_two_processes_is_what_one_gives(make_doc: Callable[..., dict[str, Any]],
+                                                                  write_recipe: Callable[..., Path],
+                                                                  tmp_path: Path) -> None:
+    """The eval loss is summed per batch over the ranks (3 batches on 2 ranks: uneven), not averaged, so it is the
+    one-process figure; keep_best picks the same step and restores its weights under DDP and FSDP alike."""
+    tracked = {"save_every": 2, "keep_best": "eval_loss", "lr": 5e-2}
+    runs = {}
+    for name, nproc, extra in (("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})):
+        d = doc(make_doc, tmp_path / name, 8 // nproc, 1, **tracked, **extra)
+        d["eval"] |= {"every": 1, "during_limit": 4}
+        finished(lite_ft(["run", str(write_recipe(d, f"{name}.yaml"))], tmp_path, nproc=nproc))
+        log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        runs[name] = ([e for e in log if "eval_loss" in e], json.loads((tmp_path / name / "metrics.json").read_text()))
+    reference, metrics = runs["one"]
+    assert [e["step"] for e in reference] == [1, 2, 3, 4]
+    for name in ("ddp", "fsdp"):
+        found, other = runs[name]
+        assert [e["eval_loss"] for e in found] == pytest.approx([e["eval_loss"] for e in reference], rel=RTOL)
+        assert [e["eval_units"] for e in found] == [e["eval_units"] for e in reference]
+        assert [e["f1"] for e in found] == [e["f1"] for e in reference]
+        assert other["train"]["best"]["step"] == metrics["train"]["best"]["step"], name
+        assert other["eval"]["f1"] == metrics["eval"]["f1"], name

@@ -10,6 +10,7 @@ from lite_ft.data.load import Split
 from lite_ft.data.tasks.classification import ClassificationTask
 from lite_ft.data.tasks.instruction import InstructionTask
 from lite_ft.data.tasks.qa import QATask
+from lite_ft.intervals import score_intervals
 from lite_ft.recipe.schema import DataConfig, Recipe
 from lite_ft.training.distributed import Dist
 
@@ -48,7 +49,8 @@ def evaluate_timed(task: Task, model: torch.nn.Module, tokenizer: Any, examples:
 
     The examples are cut into the batches one process would make (task.eval_order, then eval.batch_size), and
     whole batches are dealt to the processes; the records come back in the examples' order and the scores are
-    computed from them. So N processes give the same predictions and scores as one.
+    computed from them. So N processes give the same predictions and scores as one. `intervals`: each score's
+    95% interval and n (lite_ft.intervals).
     """
     dist = dist or Dist()
     started = time.perf_counter()
@@ -61,6 +63,7 @@ def evaluate_timed(task: Task, model: torch.nn.Module, tokenizer: Any, examples:
                 for i, r in zip(part_indices, part_records)}
     records = [by_index[i] for i in sorted(by_index)]
     scores = task.score(records, shard_scores)
+    scores["intervals"] = score_intervals(task.name, records)  # 95%, over these examples; seeded
     seconds = time.perf_counter() - started
     scores.update(seconds=seconds, examples_per_second=len(records) / max(seconds, 1e-9))
     return scores, records
