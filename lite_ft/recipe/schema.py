@@ -116,6 +116,12 @@ class TrainConfig:
     Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""
     memory_snapshot: bool = setting(False, result=False)
     """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
+    memory_check: bool = setting(True, result=False)
+    """Before loading the model, predict the run's peak memory (`lite-ft plan`) and stop with suggestions when it
+    exceeds the memory available (RAM, or free GPU memory): seconds instead of an out-of-memory error minutes in."""
+    fit: str | None = setting(None, result=False)
+    """A memory budget, e.g. 8GiB: at the start of the run, apply the fastest settings `lite-ft plan --budget` finds
+    (micro-batch split, gradient checkpointing, release_memory, adamw8bit) that fit it; recorded in metrics.json."""
 
 
 @dataclass(frozen=True)
