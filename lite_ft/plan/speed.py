@@ -16,7 +16,7 @@ from lite_ft.sources.catalog import cache_dir
 # Share of the torch.mm rate that a training step reaches on the CPU, per method: measured on SmolLM2-135M
 # (benchmarks/results/plan-cpu/calibration.md, by benchmarks/plan_calibrate.py). QLoRA and 8-bit dequantize their weights in every forward and
 # backward (work the FLOP count does not see); gradient checkpointing's recomputation is in the FLOP count.
-EFFICIENCY = {"full": 0.50, "lora": 0.47, "qlora": 0.44, "lora-8bit": 0.42}
+EFFICIENCY = {"full": 0.59, "lora": 0.45, "qlora": 0.47, "lora-8bit": 0.32}
 RELEASE_SPEED = 0.79  # tokens/s with train.release_memory (fresh pages for every tensor), measured in the README
 
 
