@@ -113,11 +113,11 @@ def _quantizable(model: torch.nn.Module, recipe: Recipe) -> tuple[dict[str, int]
 
 def quantized_bytes(values: int, rows: int, kind: str) -> int:
     """Bytes of one bitsandbytes layer: NF4 with double quantization (packed 4-bit values, an 8-bit absmax per 64
-    values, an fp32 scale per 256 absmaxes, two 256-entry fp32 code books) or LLM.int8 (int8 values, fp32 row
-    scales)."""
+    values, an fp32 scale per 256 absmaxes, the 16-entry NF4 and 256-entry absmax fp32 code books, an offset) or
+    LLM.int8 (int8 values, fp32 row scales)."""
     if kind == "4bit":
         blocks = -(-values // NF4_BLOCK)
-        return values // 2 + blocks + 4 * -(-blocks // NF4_BLOCK2) + 2 * 256 * 4 + 4
+        return values // 2 + blocks + 4 * -(-blocks // NF4_BLOCK2) + 16 * 4 + 256 * 4 + 4
     return values + 4 * rows
 
 

@@ -32,7 +32,8 @@ def describe(plan: dict[str, Any]) -> str:
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
                      f"(fp32 matmul {plan['matmul']['gflops']:.0f} GFLOP/s on this machine)")
     else:
-        lines.append("speed: not predicted (no matmul rate for a device that is not here)")
+        why = "no matmul rate for a device that is not here" if plan["device"] == "cuda" else "not asked"
+        lines.append(f"speed: not predicted ({why})")
     if plan["fits"] is not None:
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines.append(f"{verdict} in {plan['available_mib']:,.0f} MiB ({_against(plan)})")
