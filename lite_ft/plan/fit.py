@@ -120,7 +120,8 @@ def plan(recipe_path: str, overrides: tuple[str, ...] | list[str] = (), device: 
     recipe = load_recipe(recipe_path, overrides)
     gpu_mib = parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None
     if device == "cuda" and gpu_mib is None:
-        raise RecipeError("--device cuda needs --gpu-memory (e.g. 24GiB): the memory of the GPU to plan for")
+        raise RecipeError(["--device cuda needs --gpu-memory (e.g. 24GiB): the memory of the GPU to plan for"],
+                          "the command line")
     ctx = prepare(recipe)
     limit = parse_size(budget, "--budget") if budget else gpu_mib
     result = predict(recipe, device, limit, ctx=ctx)

@@ -14,7 +14,7 @@ def parse_size(text: str, key: str = "size") -> float:
     """'24GiB', '8GB', '500MiB', '3g' -> MiB (GB and GiB both mean 1024 MiB, as free(1) and most tools print)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in UNITS:
-        raise RecipeError(f"{key}: {text!r} is not a memory size; write e.g. 8GiB, 24GB or 500MiB")
+        raise RecipeError([f"{key}: {text!r} is not a memory size; write e.g. 8GiB, 24GB or 500MiB"])
     return float(match.group(1)) * UNITS[match.group(2).lower()]
 
 

@@ -146,3 +146,22 @@ def test_sizes_parse():
     assert parse_size("24GiB") == 24 * 1024 and parse_size("500MiB") == 500 and parse_size("1.5g") == 1536
     with pytest.raises(Exception, match="not a memory size"):
         parse_size("lots")
+
+
+def test_train_fit_applies_the_budget_search_at_the_start_of_a_run(make_doc, write_recipe, tmp_path):
+    doc = make_doc("qa", "lora", train={"batch_size": 8, "max_steps": 1}, data={"limit_train": 8})
+    recipe = load_recipe(write_recipe(doc))
+    ctx = prepare(recipe)
+    default = predict(recipe, ctx=ctx, speed=False)
+    runtime = default["parts"]["runtime"]
+    budget = runtime + (default["peak_mib"] - runtime) * 0.7
+    doc["train"]["fit"] = f"{budget:.1f}MiB"
+    result = CliRunner().invoke(main, ["run", str(write_recipe(doc, "fit.yaml"))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    fitted = metrics["train"]["memory_plan"]["fit"]
+    assert fitted["overrides"] and fitted["peak_mib"] <= budget
+    written = (tmp_path / "run" / "recipe.yaml").read_text()
+    for override in fitted["overrides"]:
+        key, value = override.split("=")
+        assert f"{key.split('.')[-1]}: {value}" in written
