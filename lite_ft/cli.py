@@ -238,9 +238,14 @@ def _columns_help() -> str:
               help="Learning rate of full fine-tuning (default: the recipe's train.lr / 10 for a LoRA recipe).")
 @click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Processes per method (data parallel); the table shows their total tokens/s and each rank's peak.")
+@click.option("--plan-only", is_flag=True, help="Train nothing: chart each method's predicted memory by part.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="With --plan-only: the device to plan for.")
+@click.option("--gpu-memory", default=None, metavar="SIZE", help="With --plan-only --device cuda: e.g. 24GiB.")
 @_clean_errors
 def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: int, eval_limit: int | None,
-                  out: str, method_overrides: tuple[str, ...], full_lr: float | None, nproc: int) -> None:
+                  out: str, method_overrides: tuple[str, ...], full_lr: float | None, nproc: int, plan_only: bool,
+                  device: str, gpu_memory: str | None) -> None:
     """Train RECIPE with each method on the same data, seed and batch shape, each in its own process, and compare
     memory (what the peak is made of), speed, loss and task scores side by side.
 
@@ -248,9 +253,16 @@ def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: 
     reported and the others go on. Writes bench.json (with the machine), bench.csv, bench.md, bench_memory.png
     and bench_tradeoff.png into --out.
     """
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if plan_only:
+        from lite_ft.bench.planned import plan_only as planned
+
+        planned(recipe, names, overrides, out, device, gpu_memory)
+        click.echo((Path(out) / "bench_plan.md").read_text(encoding="utf-8"))
+        click.echo(f"results in {out}/ (bench_plan.json, bench_plan.md, bench_plan_memory.png)")
+        return
     from lite_ft.bench.runner import bench, plan
 
-    names = [m.strip() for m in methods.split(",") if m.strip()]
     record = bench(plan(recipe, names, steps, eval_limit, out, overrides, method_overrides, full_lr, nproc))
     click.echo((Path(out) / "bench.md").read_text(encoding="utf-8"))
     failed = [r["method"] for r in record["methods"] if r["status"] != "ok"]
@@ -258,3 +270,37 @@ def bench_command(recipe: str, overrides: tuple[str, ...], methods: str, steps: 
     if failed:
         click.echo(f"failed: {', '.join(failed)} (see the logs in {out}/logs/)", err=True)
         sys.exit(1)
+
+
+@main.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Plan for this device; cuda needs no GPU here (with --gpu-memory).")
+@click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory of the CUDA GPU planned for, e.g. 24GiB.")
+@click.option("--budget", default=None, metavar="SIZE",
+              help="Find the fastest settings that fit SIZE (e.g. 8GiB) and print them as key=value overrides.")
+@click.option("--allow-method-change", is_flag=True, help="With --budget: also try qlora and a shorter max_length.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_clean_errors
+def plan_command(recipe: str, overrides: tuple[str, ...], device: str, gpu_memory: str | None, budget: str | None,
+                 allow_method_change: bool, as_json: bool) -> None:
+    """Predict RECIPE's peak memory (by part) and speed before loading any weights; with --budget, fit it.
+
+    model.source may be a folder holding only config.json. The peak is the whole run's: set by the longest
+    micro-batch the data and seed produce.
+    """
+    import json
+
+    from lite_ft.plan.fit import plan
+
+    result = plan(recipe, overrides, device=device, gpu_memory=gpu_memory, budget=budget,
+                  allow_method_change=allow_method_change)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    from lite_ft.plan.report import describe, describe_fit
+
+    click.echo(describe(result))
+    if budget is not None:
+        click.echo(describe_fit(result))

@@ -20,6 +20,7 @@ from lite_ft.errors import DataError, OutOfMemory, WriteFailed
 from lite_ft.intervals import describe
 from lite_ft.metrics import SCORE_KEYS
 from lite_ft.model import Built, build, count_params
+from lite_ft.plan.check import before_loading
 from lite_ft.recipe.load import dump_recipe
 from lite_ft.recipe.precision import Placement, place
 from lite_ft.recipe.preflight import absolute_paths
@@ -49,6 +50,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_dat
     recipe = absolute_paths(recipe)  # recipe.yaml then means the same from any working directory
     dist = distributed.start(recipe.train.device, recipe.train.fsdp)  # before the device: each rank owns one
     placement = place(recipe)  # once, before anything is loaded: device and precision for the whole run
+    recipe, memory_plan = before_loading(recipe, placement.device)  # train.fit, train.memory_check (lite-ft plan)
     allocator = "glibc default"
     if recipe.train.release_memory and placement.device.type == "cpu":
         allocator = return_freed_memory()  # before the model and data take memory
@@ -62,6 +64,8 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_dat
         with dist.lost_ranks_as_errors():
             metrics = _run_locked(job, allow_data_change)
         metrics["train"]["allocator"] = allocator
+        if memory_plan:
+            metrics["train"]["memory_plan"] = memory_plan
         metrics["wall_seconds_total"] = time.perf_counter() - started
         job.write_json("metrics.json", metrics)
     return metrics

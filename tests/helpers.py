@@ -138,7 +138,9 @@ def recipe_doc(task: str, method: str, folder: Path, llama_dir: Path, bert_dir: 
         "data": {"train": "builtin:qa-train", "eval": "builtin:qa-eval", "limit_train": 8, "limit_eval": 4,
                  "max_length": 512},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "seed": 0},
+        # memory_check off: planning adds ~1 s to every run; tests/plan/ covers the check itself
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "seed": 0,
+                  "memory_check": False},
         "eval": {"baseline": False, "batch_size": 4, "max_new_tokens": 4},
         "output": {"dir": str(folder / "run")},
     }

@@ -19,6 +19,7 @@ COLUMNS: dict[str, str] = {
     "trainable_params": "parameters the optimizer updates",
     "total_params": "all parameters (a 4-bit weight counts as one parameter)",
     "peak_memory_mib": "highest memory of the whole run, MiB (CPU: process RSS; CUDA: allocated tensors)",
+    "predicted_peak_mib": "what `lite-ft plan` predicted for the run before loading it (train.memory_check), MiB",
     "peak_phase": "where that peak happened: model_load, first_forward, ..., evaluation, save",
     "training_peak_mib": "highest memory while training, MiB: the sum of the next six columns",
     "weights_mib": "frozen weights (quantized or not), MiB",

@@ -185,6 +185,7 @@ def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     evaluation = metrics.get("eval", {})
     return {"method": name, "status": "ok", "trainable_params": t["trainable_params"],
             "total_params": t["total_params"], "peak_memory_mib": t["peak_memory_mib"],
+            "predicted_peak_mib": ((t.get("memory_plan") or {}).get("check") or {}).get("predicted_peak_mib"),
             "peak_phase": t["peak_memory_phase"], "training_peak_mib": breakdown.get("peak_mib"),
             "memory_source": t["memory_source"], "breakdown_mib": breakdown.get("parts_mib", {}),
             "tokens_per_second": t["tokens_per_second"], "seconds_per_step": t["seconds_per_step"],

@@ -133,6 +133,12 @@ class TrainConfig:
     early_stop: EarlyStop | None = setting(None, result=True)
     """Stop when early_stop.metric has not improved for early_stop.patience evaluations, e.g.
     {metric: eval_loss, patience: 3}. Needs eval.every."""
+    memory_check: bool = setting(True, result=False)
+    """Before loading the model, predict the run's peak memory (`lite-ft plan`) and stop with suggestions when it
+    exceeds the memory available (RAM, or free GPU memory): seconds instead of an out-of-memory error minutes in."""
+    fit: str | None = setting(None, result=False)
+    """A memory budget, e.g. 8GiB: at the start of the run, apply the fastest settings `lite-ft plan --budget` finds
+    (micro-batch split, gradient checkpointing, release_memory, adamw8bit) that fit it; recorded in metrics.json."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""Activation memory and FLOPs of one micro-batch, measured by replaying lite-ft's loss, forward and backward on the
+`meta` device (lite_ft.plan.tracker counts every tensor the real computation would allocate; nothing is computed).
+
+What is measured is the transient memory of a micro-batch on top of the weights, gradients and optimizer state:
+the activations autograd keeps for backward (their total at the end of the forward), and the peak over forward,
+loss and backward (the output layer's logits, the backward's temporaries).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lite_ft.plan.parts import MIB, MetaModel
+from lite_ft.plan.tracker import LiveBytes, cpu_attention_kernel
+from lite_ft.training.loss import decoder_and_head
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One micro-batch: rows, padded width, and the target units its loss sums over (labelled positions)."""
+
+    rows: int
+    width: int
+    units: int
+
+
+@dataclass(frozen=True)
+class Transient:
+    """MiB a micro-batch adds on top of the run's static tensors, and its FLOPs."""
+
+    activations_mib: float  # kept for backward at the end of the decoder's forward
+    peak_mib: float  # the most at once over forward, loss and backward
+    flops: float  # forward + backward (recomputation included)
+
+    @property
+    def workspace_mib(self) -> float:
+        """The output layer, loss and backward temporaries: what the peak holds beyond the kept activations."""
+        return max(self.peak_mib - self.activations_mib, 0.0)
+
+
+def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta") -> Transient:
+    """Replay one micro-batch of `shape` as in a steady-state step: the gradients already exist (made here as
+    zeros) and accumulate in place. `device` "cpu" runs the same count on a real model (how tests check the
+    replay)."""
+    model = meta.model
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    known = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
+    tracker = LiveBytes(known=known)
+    counter = FlopCounterMode(display=False)
+    with cpu_attention_kernel(), counter, tracker:
+        loss = _loss(model, shape, causal, device, tracker)
+        loss.backward()
+        del loss
+    return Transient(activations_mib=tracker.marks.get("forward", 0) / MIB, peak_mib=tracker.peak / MIB,
+                     flops=float(counter.get_total_flops()))
+
+
+def _loss(model: torch.nn.Module, shape: Shape, causal: bool, device: str, tracker: LiveBytes
+          ) -> torch.Tensor:
+    """lite-ft's loss (lite_ft.training.loss.loss_sum) on meta inputs: the output layer on the labelled positions
+    only (causal), the model's own logits (classification). The padding mask is the 4-D boolean mask transformers
+    builds for SDPA (built directly: the meta device cannot inspect a mask's values)."""
+    rows, width = shape.rows, shape.width
+    ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    mask = torch.ones(rows, 1, width, width, dtype=torch.bool, device=device)
+    if not causal:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tracker.mark("forward")
+        return F.cross_entropy(logits.float(), torch.zeros(rows, dtype=torch.long, device=device),
+                               reduction="sum")
+    parts = decoder_and_head(model)
+    if parts is None:
+        raise RuntimeError("planning needs a model with a separate decoder and output layer")
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    tracker.mark("forward")
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(
+        0, torch.zeros(max(shape.units, 1), dtype=torch.long, device=device))
+    logits = head(picked)
+    targets = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def scale_flops(flops: float, measured: Shape, tokens: int) -> float:
+    """FLOPs for `tokens` padded tokens, from a replay of `measured` (linear in tokens: attention's quadratic
+    share is small at these lengths and is kept at the measured width)."""
+    return flops * tokens / max(measured.rows * measured.width, 1)
+
+
+def optimizer_transient_mib(trainable_values: int, optimizer: str, device: str) -> float:
+    """Temporaries of one optimizer step, MiB. torch's AdamW on CUDA runs the foreach implementation, which
+    holds one fp32 copy of all second moments' square roots at once; on the CPU it runs tensor by tensor (the
+    largest tensor's temporaries, bounded here by 2 x the largest parameter, passed in as `trainable_values`).
+    bitsandbytes' 8-bit AdamW updates in place, block by block."""
+    if optimizer == "adamw8bit":
+        return 0.0
+    factor = 4 if device == "cuda" else 8
+    return factor * trainable_values / MIB

@@ -1,0 +1,194 @@
+"""A run's peak memory and speed, predicted before any weights are loaded (`lite-ft plan`).
+
+peak = runtime + frozen weights + trainable parameters + gradients + optimizer state + the largest micro-batch's
+transient memory (activations kept for backward, then the output layer's and the backward's workspace), replayed on
+the meta device for the longest micro-batch the run's data and seed produce. On the CPU the process's resident
+memory also holds what glibc's heap keeps of freed activations (HEAP, calibrated); on CUDA the caching allocator's
+reserve and the context (CUDA_CONTEXT_MIB, CUDA_RESERVE: assumptions, not measured on this machine).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from lite_ft.data.load import load_splits
+from lite_ft.data.tasks import get_task
+from lite_ft.model import load_tokenizer
+from lite_ft.plan.activations import (
+    Shape,
+    Transient,
+    measure,
+    optimizer_transient_mib,
+    scale_flops,
+)
+from lite_ft.plan.batches import Batches, encode_lengths, run_batches
+from lite_ft.plan.parts import (
+    MIB,
+    MetaModel,
+    build_meta,
+    load_config,
+    parameter_counts,
+    static_parts,
+)
+from lite_ft.plan.speed import matmul_gflops, method_name, model_shape, seconds_per_step
+from lite_ft.recipe.precision import precision_for
+from lite_ft.recipe.schema import Recipe
+from lite_ft.sources.resolve import resolve_source
+
+# Resident memory of a micro-batch's transient tensors on the CPU, over their live peak (which the replay counts).
+# glibc's default heap keeps freed activation blocks (its mmap threshold adapts up to 32 MiB, so nearly every
+# activation lives in the heap) and fragments; train.release_memory maps each tensor from 1 MiB on its own.
+# Measured on this machine (benchmarks/results/plan-cpu/calibration.md). A best-fit simulation of the heap over the
+# replay's allocation trace came out at about half the measured excess, so the factor is measured, not simulated.
+HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("release_memory", "full"): 1.06,
+        ("release_memory", "adapters"): 1.06}
+CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
+CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
+
+
+@dataclass
+class Context:
+    """What planning reads once per recipe and reuses across the settings --budget tries."""
+
+    path: str
+    config: Any
+    lengths: list[int] | None  # token lengths of the kept training examples; None: no tokenizer (config only)
+    units: list[int] | None
+    causal: bool
+    num_labels: int | None
+    runtime_mib: float
+    notes: list[str] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict)  # meta models and replays, by what they depend on
+
+
+def prepare(recipe: Recipe) -> Context:
+    """Resolve the model's config, load and encode the training data (tokenizer only), measure the runtime."""
+    path = resolve_source(recipe.model.source, recipe.model.allow_pickle)
+    config = load_config(path, recipe)
+    task = get_task(recipe.task)
+    notes: list[str] = []
+    lengths = units = None
+    num_labels = None
+    train_split, eval_split = load_splits(recipe, task)
+    if recipe.task == "classification":
+        num_labels = task.num_labels(recipe.data, train_split, eval_split)
+    try:
+        tokenizer = load_tokenizer(path, recipe)
+    except (OSError, ValueError, TypeError) as exc:
+        notes.append(f"no tokenizer in {path} ({type(exc).__name__}): every micro-batch is assumed "
+                     f"data.max_length={recipe.data.max_length} tokens wide, fully labelled (an upper bound)")
+    else:
+        lengths, units = encode_lengths(task, train_split.examples, tokenizer, recipe, task.causal)
+    if recipe.model.quantization in ("8bit", "4bit") or recipe.train.optimizer == "adamw8bit":
+        import bitsandbytes  # noqa: F401  - the run imports it too; its libraries are part of the runtime
+    runtime = psutil.Process().memory_info().rss / MIB
+    return Context(path=path, config=config, lengths=lengths, units=units, causal=task.causal,
+                   num_labels=num_labels, runtime_mib=runtime, notes=notes)
+
+
+def _batches(ctx: Context, recipe: Recipe) -> Batches:
+    if ctx.lengths is not None:
+        return run_batches(ctx.lengths, ctx.units or [], recipe.train)
+    n = max(recipe.data.limit_train or 1000, 1)
+    width = recipe.data.max_length
+    return run_batches([width] * n, [width - 1 if ctx.causal else 1] * n, recipe.train)
+
+
+def dtypes(recipe: Recipe, device: str) -> tuple[torch.dtype, torch.dtype, bool]:
+    """(compute, weights, autocast) for `device`, as lite_ft.recipe.precision decides; a CUDA GPU that is not
+    here is taken to support bf16."""
+    if device == "cpu":
+        p = precision_for(recipe, torch.device("cpu"))
+        return p.compute, p.weights, p.autocast
+    compute = torch.bfloat16 if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
+    half = compute in (torch.bfloat16, torch.float16)
+    full = recipe.method == "full"
+    return compute, torch.float32 if full else compute, full and half
+
+
+def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = None,
+            ctx: Context | None = None, speed: bool = True) -> dict[str, Any]:
+    """The plan of one recipe: peak (MiB), its parts, seconds per step, whether it fits (see the module doc).
+    `speed` False skips the seconds (and the one-off matmul measurement they need)."""
+    ctx = ctx or prepare(recipe)
+    compute, weights, autocast = dtypes(recipe, device)
+    batches = _batches(ctx, recipe)
+    static = _meta(ctx, recipe, weights)
+    parts = {"runtime": ctx.runtime_mib if device == "cpu" else CUDA_CONTEXT_MIB, **static_parts(static, recipe)}
+    trainable, total = parameter_counts(static)
+    replay_dtype = compute if autocast else weights
+    worst = max((_transient(ctx, recipe, replay_dtype, s) for s in batches.worst()), key=lambda t: t[1].peak_mib)
+    shape, transient = worst
+    largest = max(p.numel() for p in static.model.parameters() if p.requires_grad)
+    opt_temp = optimizer_transient_mib(trainable if device == "cuda" else largest, recipe.train.optimizer, device)
+    parts["activations (kept for backward)"] = transient.activations_mib
+    parts["output layer, loss and backward workspace"] = max(transient.workspace_mib, opt_temp - transient.activations_mib)
+    if autocast:
+        parts["autocast weight copies"] = trainable * 2 / MIB  # 16-bit copies of the fp32 weights, kept for backward
+    allocator = _allocator(recipe, device)
+    if device == "cpu":  # freed blocks glibc keeps resident beyond the live peak (HEAP)
+        parts[f"allocator ({allocator} heap)"] = (heap_factor(recipe, allocator) - 1.0) * transient.peak_mib
+    peak = sum(parts.values())
+    if device == "cuda":
+        parts["allocator (cuda reserve)"] = (peak - CUDA_CONTEXT_MIB) * (CUDA_RESERVE - 1)
+        peak = sum(parts.values())
+    flops_step = scale_flops(transient.flops, shape, batches.padded_tokens) / batches.steps
+    sps = tps = wall = None
+    rate = None
+    if device == "cpu" and speed:
+        rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))
+        sps = seconds_per_step(flops_step, rate["gflops"], method_name(recipe.method, recipe.model.quantization),
+                               recipe.train.release_memory)
+        tps = batches.real_tokens / batches.steps / sps
+        wall = sps * batches.steps
+    available = gpu_memory_mib if device == "cuda" and gpu_memory_mib else _available_mib(device)
+    return {"device": device, "peak_mib": peak, "parts": parts, "seconds_per_step": sps, "tokens_per_second": tps,
+            "wall_seconds_training": wall, "fits": None if available is None else peak <= available,
+            "available_mib": available, "steps": batches.steps,
+            "longest_micro_batch": {**dataclasses.asdict(shape), "first_at_step": batches.worst_step},
+            "flops_per_step": flops_step, "matmul": rate, "trainable_params": trainable, "total_params": total,
+            "dtypes": {"compute": str(compute).replace("torch.", ""), "weights": str(weights).replace("torch.", ""),
+                       "autocast": autocast},
+            "allocator": allocator if device == "cpu" else "cuda caching allocator (reserve assumed)",
+            "notes": list(ctx.notes)}
+
+
+def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:
+    """One replay, cached by everything it depends on (the --budget search reuses them)."""
+    key = (shape, dtype, recipe.method, recipe.model.quantization, recipe.model.attention, recipe.lora,
+           recipe.train.gradient_checkpointing)
+    if key not in ctx.cache:
+        ctx.cache[key] = measure(_meta(ctx, recipe, dtype), shape, ctx.causal)
+    return shape, ctx.cache[key]
+
+
+def _meta(ctx: Context, recipe: Recipe, dtype: torch.dtype) -> MetaModel:
+    """The meta model, built once per structure (the --budget search tries many settings of one model)."""
+    key = ("model", dtype, recipe.method, recipe.model.quantization, recipe.model.attention, recipe.lora,
+           recipe.train.gradient_checkpointing)
+    if key not in ctx.cache:
+        ctx.cache[key] = build_meta(ctx.config, recipe, dtype, ctx.num_labels)
+    return ctx.cache[key]
+
+
+def heap_factor(recipe: Recipe, allocator: str) -> float:
+    """HEAP for this recipe: full fine-tuning re-allocates every gradient during the backward pass (they are
+    freed after each step), which fills the heap's holes; adapter methods leave them empty."""
+    return HEAP[(allocator, "full" if recipe.method == "full" else "adapters")]
+
+
+def _allocator(recipe: Recipe, device: str) -> str:
+    return "release_memory" if recipe.train.release_memory and device == "cpu" else "glibc default"
+
+
+def _available_mib(device: str) -> float | None:
+    if device == "cpu":
+        return psutil.virtual_memory().available / MIB
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free / MIB
+    return None

@@ -1,0 +1,67 @@
+"""A plan for the terminal (a table of parts, the speed, whether it fits) and sizes such as `24GiB` parsed."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lite_ft.errors import RecipeError
+
+UNITS = {"": 1 / (1024 * 1024), "b": 1 / (1024 * 1024), "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024,
+         "m": 1, "mb": 1, "mib": 1, "g": 1024, "gb": 1024, "gib": 1024, "t": 1024**2, "tb": 1024**2, "tib": 1024**2}
+
+
+def parse_size(text: str, key: str = "size") -> float:
+    """'24GiB', '8GB', '500MiB', '3g' -> MiB (GB and GiB both mean 1024 MiB, as free(1) and most tools print)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise RecipeError([f"{key}: {text!r} is not a memory size; write e.g. 8GiB, 24GB or 500MiB"])
+    return float(match.group(1)) * UNITS[match.group(2).lower()]
+
+
+def describe(plan: dict[str, Any]) -> str:
+    """The plan as a few lines of text."""
+    longest = plan["longest_micro_batch"]
+    lines = [(f"predicted peak {plan['peak_mib']:,.0f} MiB ({_what(plan)}), {plan['steps']} steps; longest "
+              f"micro-batch {longest['rows']} x {longest['width']} tokens (first at step {longest['first_at_step']})")]
+    width = max(len(k) for k in plan["parts"])
+    for name, mib in sorted(plan["parts"].items(), key=lambda kv: -kv[1]):
+        if mib >= 0.5:
+            lines.append(f"  {name:<{width}}  {mib:>10,.0f} MiB")
+    if plan["seconds_per_step"] is not None:
+        lines.append(f"speed: {plan['seconds_per_step']:.2f} s/step, {plan['tokens_per_second']:.0f} tokens/s, "
+                     f"training about {plan['wall_seconds_training'] / 60:.1f} min "
+                     f"(fp32 matmul {plan['matmul']['gflops']:.0f} GFLOP/s on this machine)")
+    else:
+        why = "no matmul rate for a device that is not here" if plan["device"] == "cuda" else "not asked"
+        lines.append(f"speed: not predicted ({why})")
+    if plan["fits"] is not None:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines.append(f"{verdict} in {plan['available_mib']:,.0f} MiB ({_against(plan)})")
+    lines += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)
+
+
+def _what(plan: dict[str, Any]) -> str:
+    if plan["device"] == "cpu":
+        return f"process resident memory; allocator: {plan['allocator']}"
+    return "CUDA reserved peak plus context"
+
+
+def _against(plan: dict[str, Any]) -> str:
+    if plan.get("budget_mib") is not None:
+        return "the budget"
+    return "available RAM" if plan["device"] == "cpu" else "GPU memory"
+
+
+def describe_fit(result: dict[str, Any]) -> str:
+    """The --budget answer: overrides to paste, or why nothing fits."""
+    if result["overrides"] is None:
+        return (f"nothing tried ({result['tried']} settings) fits {result['budget_mib']:,.0f} MiB; "
+                "try --allow-method-change (qlora, a shorter max_length) or a smaller model")
+    fitted = result["fitted"]
+    speed = (f", {fitted['seconds_per_step']:.2f} s/step, {fitted['tokens_per_second']:.0f} tokens/s"
+             if fitted["seconds_per_step"] is not None else "")
+    if not result["overrides"]:
+        return f"the recipe as it is fits the budget ({fitted['peak_mib']:,.0f} MiB{speed})"
+    return (f"fits {result['budget_mib']:,.0f} MiB with: {' '.join(result['overrides'])}\n"
+            f"  predicted peak {fitted['peak_mib']:,.0f} MiB{speed}")

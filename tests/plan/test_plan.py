@@ -1,0 +1,167 @@
+"""lite-ft plan on the tiny random models: the meta replay against real counts, the parts against the built
+model's tensors, the longest batch against the loop's own batches, the CLI's JSON, the budget search and the
+check `lite-ft run` makes before loading."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lite_ft.cli import main
+from lite_ft.data.load import load_splits
+from lite_ft.data.tasks import get_task
+from lite_ft.model import build
+from lite_ft.plan.activations import Shape, measure
+from lite_ft.plan.batches import encode_lengths, run_batches
+from lite_ft.plan.fit import fit
+from lite_ft.plan.parts import build_meta, load_config, static_parts
+from lite_ft.plan.predict import predict, prepare
+from lite_ft.plan.report import parse_size
+from lite_ft.recipe.load import load_recipe
+from lite_ft.training.loop import make_optimizer
+from lite_ft.training.memory import tensor_bytes
+from lite_ft.training.step import step_stream
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITE_FT_CACHE", str(tmp_path / "cache"))  # the matmul rate is cached there
+
+
+@pytest.mark.parametrize("task,overrides", [
+    ("qa", {"method": "lora"}),
+    ("qa", {"method": "full"}),
+    ("qa", {"method": "lora", "train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.1}}),
+    ("classification", {"method": "lora"}),
+])
+def test_meta_replay_allocates_what_the_real_computation_does(make_doc, write_recipe, task, overrides):
+    recipe = load_recipe(write_recipe(make_doc(task, **overrides)))
+    config = load_config(recipe.model.source, recipe)
+    causal = task != "classification"
+    shape = Shape(rows=3, width=40, units=12)
+    counts = {}
+    for device in ("meta", "cpu"):
+        torch.manual_seed(0)
+        model = build_meta(config, recipe, torch.float32, None if causal else 2, device=device)
+        counts[device] = measure(model, shape, causal, device=device)
+    # The same tensors within a few percent (the fused CPU attention kernel keeps small per-head buffers the
+    # meta kernel sizes differently: ~20 KB a layer here).
+    assert counts["meta"].peak_mib == pytest.approx(counts["cpu"].peak_mib, rel=0.05, abs=0.1)
+    assert counts["meta"].activations_mib == pytest.approx(counts["cpu"].activations_mib, rel=0.05, abs=0.1)
+    assert counts["meta"].flops == counts["cpu"].flops > 0
+
+
+@pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adamw"), ("qlora", "adamw8bit")])
+def test_static_parts_equal_the_built_models_tensors(make_doc, write_recipe, method, optimizer):
+    recipe = load_recipe(write_recipe(make_doc("qa", method, train={"optimizer": optimizer})))
+    built = build(recipe)
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    optimizer_ = make_optimizer(params, recipe.train)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer_.step()
+    real = tensor_bytes(built.model, optimizer_)
+    meta = build_meta(load_config(recipe.model.source, recipe), recipe, built.precision.weights, None)
+    parts = static_parts(meta, recipe)
+    assert parts["trainable parameters"] == pytest.approx(real["trainable"], rel=1e-6)
+    assert parts["gradients"] == pytest.approx(real["gradients"], rel=1e-6)
+    assert parts["optimizer state"] == pytest.approx(real["optimizer"], rel=0.02)
+    for kind, mib in real["frozen_weights"].items():
+        assert parts[f"weights ({kind})"] == pytest.approx(mib, rel=0.02), kind
+
+
+def test_longest_micro_batch_is_the_longest_the_loop_collates(make_doc, write_recipe):
+    recipe = load_recipe(write_recipe(make_doc("qa", "lora", data={"limit_train": 8},
+                                               train={"max_steps": 6, "batch_size": 2, "grad_accum": 2})))
+    task = get_task("qa")
+    split, _ = load_splits(recipe, task)
+    from lite_ft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.source, recipe)
+    lengths, units = encode_lengths(task, split.examples, tokenizer, recipe, causal=True)
+    batches = run_batches(lengths, units, recipe.train)
+    encoded = [task.encode(e, tokenizer, recipe) for e in split.examples]
+    stream = step_stream([e for e in encoded if e], recipe.train, tokenizer.pad_token_id, causal=True)
+    seen = [tuple(b["input_ids"].shape) for _, (step) in zip(range(6), stream) for b, _ in step.micro]
+    biggest = max(seen, key=lambda s: s[0] * s[1])
+    assert (batches.shapes[0].rows, batches.shapes[0].width) == biggest
+    assert batches.padded_tokens == sum(r * w for r, w in seen)
+
+
+def test_plan_json_parts_add_up_and_cuda_plan_from_config_only(make_doc, write_recipe, tiny_llama_dir, tmp_path):
+    path = write_recipe(make_doc("qa", "lora"))
+    result = CliRunner().invoke(main, ["plan", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert {"peak_mib", "parts", "seconds_per_step", "fits"} <= plan.keys()
+    assert plan["peak_mib"] == pytest.approx(sum(plan["parts"].values()))
+    assert plan["seconds_per_step"] > 0 and plan["fits"] is True
+    only = tmp_path / "config-only"
+    only.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", only)
+    cuda = CliRunner().invoke(main, ["plan", str(path), f"model.source={only}", "method=qlora", "--device", "cuda",
+                                     "--gpu-memory", "1MiB", "--json"])
+    assert cuda.exit_code == 0, cuda.output
+    cplan = json.loads(cuda.output)
+    assert cplan["fits"] is False and cplan["seconds_per_step"] is None
+    assert "weights (4-bit nf4)" in cplan["parts"] and any("no tokenizer" in n for n in cplan["notes"])
+
+
+def test_budget_finds_a_smaller_micro_batch_that_fits(make_doc, write_recipe):
+    recipe = load_recipe(write_recipe(make_doc("qa", "lora", train={"batch_size": 8}, data={"limit_train": 8})))
+    ctx = prepare(recipe)
+    default = predict(recipe, ctx=ctx, speed=False)
+    runtime = default["parts"]["runtime"]
+    budget = runtime + (default["peak_mib"] - runtime) * 0.7  # the transient must shrink to fit
+    found = fit(recipe, budget, ctx=ctx, speed=False)
+    assert found["overrides"] and found["peak_mib"] <= budget < default["peak_mib"]
+    micro = [o for o in found["overrides"] if o.startswith("train.batch_size=")]
+    if micro:
+        accum = [o for o in found["overrides"] if o.startswith("train.grad_accum=")]
+        assert int(micro[0].split("=")[1]) * int(accum[0].split("=")[1]) == 8  # same effective batch
+
+
+def test_run_stops_before_loading_when_predicted_not_to_fit(make_doc, write_recipe, tmp_path, monkeypatch):
+    path = write_recipe(make_doc("qa", "lora", train={"memory_check": True}))
+    monkeypatch.setenv("LITE_FT_MEMORY_LIMIT", "1MiB")
+    import lite_ft.run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lite_ft.run, "build", never)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    assert "stopped before loading the model" in result.output and "predicted peak" in result.output
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+    skipped = CliRunner().invoke(main, ["run", str(path), "train.memory_check=false", "train.max_steps=1"])
+    assert isinstance(skipped.exception, AssertionError)  # it went on to load the model
+
+
+def test_sizes_parse():
+    assert parse_size("24GiB") == 24 * 1024 and parse_size("500MiB") == 500 and parse_size("1.5g") == 1536
+    with pytest.raises(Exception, match="not a memory size"):
+        parse_size("lots")
+
+
+def test_train_fit_applies_the_budget_search_at_the_start_of_a_run(make_doc, write_recipe, tmp_path):
+    doc = make_doc("qa", "lora", train={"batch_size": 8, "max_steps": 1}, data={"limit_train": 8})
+    recipe = load_recipe(write_recipe(doc))
+    ctx = prepare(recipe)
+    default = predict(recipe, ctx=ctx, speed=False)
+    runtime = default["parts"]["runtime"]
+    budget = runtime + (default["peak_mib"] - runtime) * 0.7
+    doc["train"]["fit"] = f"{budget:.1f}MiB"
+    result = CliRunner().invoke(main, ["run", str(write_recipe(doc, "fit.yaml"))])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    fitted = metrics["train"]["memory_plan"]["fit"]
+    assert fitted["overrides"] and fitted["peak_mib"] <= budget
+    written = (tmp_path / "run" / "recipe.yaml").read_text()
+    for override in fitted["overrides"]:
+        key, value = override.split("=")
+        assert f"{key.split('.')[-1]}: {value}" in written
