@@ -74,6 +74,12 @@ def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method
     _assert_same(built.model, len(built.tokenizer))
 
 
+def test_fused_blocks_under_gradient_checkpointing(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"gradient_checkpointing": True})
+    assert built.fused_lora.startswith("on:")
+    _assert_same(built.model, len(built.tokenizer))
+
+
 def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for the backward pass."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
