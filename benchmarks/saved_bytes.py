@@ -98,8 +98,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name, p in model.named_parameters():  # B starts at zero; a trained adapter is non-zero (same memory)
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
-    batches = [collate([encoded.examples[i] for i in b], built.tokenizer.pad_token_id, True)
-               for b in encoded.batches[:args.batches]]
+    picked = [int(k) for k in args.select.split(",")] if args.select else list(range(args.batches))
+    batches = [collate([encoded.examples[i] for i in encoded.batches[k]], built.tokenizer.pad_token_id, True)
+               for k in picked]
     rows = []
     for fused in (False, True):
         fused_lora.set_enabled(model, fused)
@@ -109,7 +110,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             started = time.perf_counter()
             saved = saved_by_layer(model, batch)
             per_layer = saved["per_layer_bytes"]
-            rows.append({"fused_lora": fused, "batch": k, "shape": list(batch["input_ids"].shape),
+            rows.append({"fused_lora": fused, "batch": picked[k], "shape": list(batch["input_ids"].shape),
                          "real_tokens": real, "seconds": time.perf_counter() - started,
                          "saved_per_token_per_layer_kb": sum(per_layer) / len(per_layer) / positions / 1000,
                          "saved_total_mib": (sum(per_layer) + saved["outside_layers_bytes"]) / MIB,
@@ -121,7 +122,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         fused_lora.set_enabled(model, fused)
         peaks[str(fused)] = max((live_peak(model, b, optimizer) for b in batches), key=lambda r: r["live_peak_mib"])
         model.zero_grad(set_to_none=True)
-    return {"method": args.method, "fused_lora_install": built.fused_lora, "rows": rows, "live_peak": peaks,
+    args_text = f"--select {args.select}" if args.select else f"--batches {args.batches}"
+    return {"method": args.method, "args": args_text, "fused_lora_install": built.fused_lora, "rows": rows, "live_peak": peaks,
             "threads": torch.get_num_threads()}
 
 
@@ -144,7 +146,7 @@ def markdown(result: dict[str, Any]) -> str:
               "adapter, gradients, optimizer state |", "| --- | ---: | ---: |"]
     for key, peak in result["live_peak"].items():
         lines.append(f"| {key.lower()} | {peak['live_peak_mib']:.0f} | {peak['resident_before_mib']:.0f} |")
-    lines += ["", f"Command: `python benchmarks/saved_bytes.py --method {result['method']}` "
+    lines += ["", f"Command: `python benchmarks/saved_bytes.py --method {result['method']} {result['args']}` "
               f"({result['threads']} threads)", ""]
     return "\n".join(lines)
 
@@ -153,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
     parser.add_argument("--batches", type=int, default=3, help="first length-grouped batches to measure")
+    parser.add_argument("--select", default="", help="comma-separated batch indices instead of the first --batches")
     parser.add_argument("--examples", type=int, default=400, help="SQuAD rows to draw the batches from")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "levers-cpu"))
     args = parser.parse_args()
@@ -161,6 +164,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "saved_bytes" if args.method == "lora" else f"saved_bytes_{args.method}"
+    stem += f"_batches_{args.select.replace(',', '_')}" if args.select else ""
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
     print(markdown(result))
