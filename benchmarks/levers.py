@@ -134,11 +134,11 @@ def main() -> None:
         r = done[name]
         print(f"    {r['status']}" + (f": {r['steady_tokens_per_second']:.1f} tok/s, peak {r['peak_memory_mib']:.0f} "
                                     f"MiB" if r["status"] == "ok" else f": {r['error'][-200:]}"), file=sys.stderr)
-    merged = {**kept, **done}
-    rows = [merged[n] for n in VARIANTS if n in merged]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (out / "levers.md").write_text(markdown(rows, args), encoding="utf-8")
+        merged = {**kept, **done}  # written after every variant: a cut-short call keeps what it measured
+        rows = [merged[n] for n in VARIANTS if n in merged]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        (out / "levers.md").write_text(markdown(rows, args), encoding="utf-8")
     print((out / "levers.md").read_text(encoding="utf-8"))
 
 
