@@ -24,12 +24,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 # name -> (what changes, recipe overrides, environment variables)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
-    "defaults": ("lite-ft's defaults: length-grouped batches, SDPA attention, loss on labelled positions only, "
-                 "one thread per core", [], {}),
+    "defaults": ("lite-ft's defaults: fused LoRA blocks, length-grouped batches, SDPA attention, loss on labelled "
+                 "positions only, one thread per core, glibc's default allocator settings", [], {}),
+    "fused_lora off": ("train.fused_lora: false: peft's own LoRA forward, autograd's saved tensors",
+                       ["train.fused_lora=false"], {}),
     "no length grouping": ("random batches padded to their longest example", ["train.group_by_length=false"], {}),
     "eager attention": ("attention as plain matmul + softmax instead of fused SDPA", ["model.attention=eager"], {}),
     "release memory": ("train.release_memory: freed tensors go back to the OS at once (glibc mmap threshold 1 MiB)",
                        ["train.release_memory=true"], {}),
+    "release memory + THP": ("train.release_memory, and glibc backs its memory with transparent huge pages "
+                             "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1): 512x fewer page faults",
+                             ["train.release_memory=true"], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+    "THP": ("glibc backs its memory with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)", [],
+            {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+    "mmap threshold 16 MiB": ("glibc mmap threshold fixed at 16 MiB (MALLOC_MMAP_THRESHOLD_; also fixes the trim "
+                              "threshold at 128 KiB): only the largest tensors get their own mapping", [],
+                              {"MALLOC_MMAP_THRESHOLD_": str(16 << 20)}),
+    "arena max 1": ("one glibc malloc arena for all threads (MALLOC_ARENA_MAX=1)", [], {"MALLOC_ARENA_MAX": "1"}),
+    "thread affinity": ("OpenMP threads pinned one per core (OMP_PROC_BIND=close, OMP_PLACES=cores)", [],
+                        {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}),
     "gradient checkpointing": ("activations recomputed in the backward pass", ["train.gradient_checkpointing=true"],
                                {}),
 }
@@ -62,22 +75,37 @@ def run_variant(name: str, overrides: list[str], env: dict[str, str], args: argp
             "wall_seconds": time.perf_counter() - started}
 
 
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's repeats: the median speed (and the range), the highest peak, the last run's details."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return runs[-1]
+    speeds = sorted(r["steady_tokens_per_second"] for r in ok)
+    return {**ok[-1], "repeats": len(ok), "steady_tokens_per_second": speeds[len(speeds) // 2],
+            "steady_tokens_per_second_all": speeds, "peak_memory_mib": max(r["peak_memory_mib"] for r in ok),
+            "peak_memory_mib_all": [r["peak_memory_mib"] for r in ok]}
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The levers table: each variant against the defaults."""
     base = next(r for r in rows if r["variant"] == "defaults")
     lines = [f"# Levers: lite-ft LoRA on SQuAD, {args.steps} steps of 8, one setting changed at a time", "",
-             "| variant | what changes | real tok/s (steps 2+) | vs defaults | s/step | peak RSS MiB | vs defaults | "
-             "loss at the last step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             ("| variant | what changes | real tok/s (steps 2+; median of runs, range) | vs defaults | s/step | "
+              "peak RSS MiB (highest of runs) | vs defaults | loss at the last step |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         what = VARIANTS[r["variant"]][0]
         if r["status"] != "ok":
             lines.append(f"| {r['variant']} | {what} | failed: {r['error'][:120]} | | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {what} | {r['steady_tokens_per_second']:.1f} | "
+        spread = r.get("steady_tokens_per_second_all", [])
+        runs = f" ({len(spread)} runs: {spread[0]:.1f}-{spread[-1]:.1f})" if len(spread) > 1 else ""
+        lines.append(f"| {r['variant']} | {what} | {r['steady_tokens_per_second']:.1f}{runs} | "
                      f"{r['steady_tokens_per_second'] / base['steady_tokens_per_second']:.2f}x | "
                      f"{r['seconds_per_step_steady']:.2f} | {r['peak_memory_mib']:.0f} | "
                      f"{r['peak_memory_mib'] / base['peak_memory_mib']:.2f}x | {r['losses'][-1]:.4f} |")
-    lines += ["", f"Command: `python benchmarks/levers.py --steps {args.steps} --examples {args.examples}`", ""]
+    lines += ["", f"Command: `python benchmarks/levers.py --steps {args.steps} --examples {args.examples} "
+              f"--variants {args.variants} --repeats {args.repeats}`", ""]
     return "\n".join(lines)
 
 
@@ -86,23 +114,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--examples", type=int, default=400, help="SQuAD training rows to draw the batches from")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant (speed: median; memory: highest)")
+    parser.add_argument("--merge", action="store_true", help="keep the variants already in --out/levers.json "
+                        "that this call does not run (to split a long measurement into several calls)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "levers-cpu"))
     args = parser.parse_args()
     names = [v for v in args.variants.split(",") if v]
-    if "defaults" not in names:
+    out = Path(args.out)
+    kept = {}
+    if args.merge and (out / "levers.json").exists():
+        kept = {r["variant"]: r for r in json.loads((out / "levers.json").read_text(encoding="utf-8"))}
+    if "defaults" not in names and "defaults" not in kept:  # every table row is read against the defaults
         names.insert(0, "defaults")
-    rows = []
+    done = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
-        what, overrides, env = VARIANTS[name]
-        rows.append(run_variant(name, overrides, env, args))
-        r = rows[-1]
+        _, overrides, env = VARIANTS[name]
+        done[name] = aggregate([run_variant(name, overrides, env, args) for _ in range(args.repeats)])
+        r = done[name]
         print(f"    {r['status']}" + (f": {r['steady_tokens_per_second']:.1f} tok/s, peak {r['peak_memory_mib']:.0f} "
                                     f"MiB" if r["status"] == "ok" else f": {r['error'][-200:]}"), file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (out / "levers.md").write_text(markdown(rows, args), encoding="utf-8")
+        merged = {**kept, **done}  # written after every variant: a cut-short call keeps what it measured
+        rows = [merged[n] for n in VARIANTS if n in merged]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        (out / "levers.md").write_text(markdown(rows, args), encoding="utf-8")
     print((out / "levers.md").read_text(encoding="utf-8"))
 
 

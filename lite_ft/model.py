@@ -4,6 +4,7 @@ The methods differ only here; the training loop is the same for all of them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from lite_ft.errors import LiteFTError
 from lite_ft.recipe.precision import Placement, Precision, place
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
+from lite_ft.training import fused_lora
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Built:
     device: torch.device
     precision: Precision
     source_path: str
+    fused_lora: str = "off"  # train.fused_lora: what lite_ft.training.fused_lora.install did, for metrics.json
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,11 +80,28 @@ def build(recipe: Recipe, placement: Placement | None = None, num_labels: int | 
     path = source_path or resolve_source(recipe.model.source, recipe.model.allow_pickle)
     tokenizer = load_tokenizer(path, recipe)
     model = load_base(path, recipe, device, precision.weights, num_labels, tokenizer.pad_token_id)
+    fused = "off"
     if recipe.method in ("lora", "qlora"):
         model = attach_lora(model, recipe)
+        fused = fuse_lora(model, recipe)
     elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Built(model=model, tokenizer=tokenizer, device=device, precision=precision, source_path=path)
+    return Built(model=model, tokenizer=tokenizer, device=device, precision=precision, source_path=path,
+                 fused_lora=fused)
+
+
+def fuse_lora(model: torch.nn.Module, recipe: Recipe) -> str:
+    """train.fused_lora: route the decoder layers through the fused LoRA blocks where they apply; returns what was
+    done, and says on stderr why a model keeps peft's path (never silently)."""
+    if not recipe.train.fused_lora:
+        return "off (train.fused_lora: false)"
+    if recipe.train.fsdp:
+        note = "off: not with train.fsdp (sharded weights are gathered per module, outside the fused blocks)"
+    else:
+        note = fused_lora.install(model).describe()
+    if not note.startswith("on:"):
+        print(f"lite-ft: train.fused_lora: {note}", file=sys.stderr)
+    return note
 
 
 def load_base(path: str, recipe: Recipe, device: torch.device, dtype: torch.dtype, num_labels: int | None,

@@ -169,7 +169,8 @@ def _train_and_evaluate(job: _Job, task: Any, splits: tuple[Split, Split | None]
     stats.update(trainable_params=trainable, total_params=total, peak_memory_mib=memory["peak_mib"],
                  peak_memory_phase=memory["peak_phase"], memory_source=memory["source"],
                  memory_breakdown=memory["breakdown"], processes=dist.describe(),
-                 device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""))
+                 device=_describe_device(built.device), dtype=str(built.dtype).replace("torch.", ""),
+                 fused_lora=built.fused_lora)
     stats["ranks"] = dist.gather({"rank": dist.rank, "peak_memory_mib": memory["peak_mib"],
                                   "tokens_per_second": stats.pop("rank_tokens_per_second")})
     metrics.update(loss_path=stats.pop("loss_path"), train=stats, data=data_report, run=rundir.record(job.plan),

@@ -120,6 +120,11 @@ class TrainConfig:
     auto_batch_size: bool = setting(False, result=False)
     """On CUDA out-of-memory, retry with half the micro-batch and twice the accumulation (same effective batch, so
     the same steps), from the failed attempt's last checkpoint."""
+    fused_lora: bool = setting(True, result=False)
+    """LoRA/QLoRA on Llama-architecture models: hand-written forward and backward passes per decoder layer over
+    peft's own adapter weights (one LoRA-A matmul for q/k/v and one for gate/up, SiLU recomputed in backward).
+    Same gradients within rounding; measured on SmolLM2-135M / SQuAD: see the README's speed section. Other
+    models, lora.dropout > 0 and train.fsdp keep peft's path, with a note in metrics.json (train.fused_lora)."""
     release_memory: bool = setting(False, result=False)
     """CPU (Linux): hand freed activation memory back to the OS at once instead of keeping it in glibc's heap.
     Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""

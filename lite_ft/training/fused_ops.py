@@ -1,0 +1,188 @@
+"""Hand-written forward and backward passes for a Llama decoder layer's LoRA projections (train.fused_lora).
+
+Two autograd Functions, each starting from the layer's residual stream (its RMSNorm folded in):
+- attention input: RMSNorm -> q/k/v (frozen base + LoRA, one matmul for the three LoRA-A over their shared input)
+  -> rotary embedding. Keeps the residual input, its 1/rms and the rank-r LoRA-A outputs; the normalised input,
+  the projections and the rotary intermediates are recomputed or not needed in backward.
+- MLP: RMSNorm -> gate/up (one LoRA-A matmul) -> SiLU(gate) * up -> down. Keeps the residual input, 1/rms, gate
+  and up and the LoRA-A outputs; SiLU, the gate product and the normalised input are recomputed in backward.
+
+The LoRA-A/B weights are peft's own parameters, passed in as inputs so autograd fills their .grad as usual. Frozen
+base weights are read from the module in forward and again in backward: 4-bit NF4 and LLM.int8 weights are
+dequantized on the fly and never kept. Memory, per token and layer of SmolLM2-135M in fp32: see
+benchmarks/results/levers-cpu/saved_bytes.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight (out, in) in `dtype`: a plain Linear's own, a 4-bit NF4 one dequantized, an
+    LLM.int8 one as int8 rows times their scales (what bitsandbytes' CPU training path computes)."""
+    kind = type(base).__name__
+    if kind == "Linear4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    if kind == "Linear8bitLt":
+        state = base.state
+        cb = state.CB if state.CB is not None else base.weight.data
+        scb = state.SCB if state.SCB is not None else base.weight.SCB
+        return cb.to(dtype) * (scb.to(dtype) / 127.0).unsqueeze(1)
+    return base.weight if base.weight.dtype == dtype else base.weight.to(dtype)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One peft LoRA linear as the fused blocks see it: the frozen base module, its LoRA weights and scale."""
+
+    base: torch.nn.Module
+    lora_a: torch.nn.Parameter  # (r, in)
+    lora_b: torch.nn.Parameter  # (out, r)
+    scale: float
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        b = getattr(self.base, "bias", None)
+        return None if b is None else b.to(dtype)
+
+
+def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * 1/rms in fp32, 1/rms), as LlamaRMSNorm computes them."""
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * inv, inv
+
+
+def _rms_backward(grad_y: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor,
+                  want_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of y = weight * (x / rms(x)) for x and (if asked) the norm weight."""
+    n = x.float() * inv
+    grad_w = (grad_y.float() * n).sum(dim=tuple(range(n.dim() - 1))).to(weight.dtype) if want_weight else None
+    gn = (grad_y * weight).float()
+    grad_x = inv * (gn - n * (gn * n).mean(-1, keepdim=True))
+    return grad_x.to(x.dtype), grad_w
+
+
+def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor) -> list[torch.Tensor]:
+    """Base + scaled LoRA output of each projection of the shared input y; a_out is y times the stacked LoRA-A."""
+    outs, start = [], 0
+    for p in projs:
+        r = p.lora_a.shape[0]
+        lora = (a_out[..., start:start + r] @ p.lora_b.t()) * p.scale
+        outs.append(F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype)) + lora.to(y.dtype))
+        start += r
+    return outs
+
+
+def _project_backward(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor,
+                      grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradient for y, and for each projection's LoRA-A and LoRA-B, given the gradient of each output."""
+    flat_y = y.reshape(-1, y.shape[-1]).to(a_out.dtype)
+    flat_a = a_out.reshape(-1, a_out.shape[-1])
+    grad_y = torch.zeros_like(y)
+    grad_a_out, grad_bs, start = [], [], 0
+    for p, g in zip(projs, grads):
+        r = p.lora_a.shape[0]
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_y.add_((g2 @ dense_weight(p.base, g.dtype)).view_as(y))
+        gs = g2.to(a_out.dtype) * p.scale
+        grad_bs.append(gs.t() @ flat_a[:, start:start + r])
+        grad_a_out.append(gs @ p.lora_b)
+        start += r
+    da = torch.cat(grad_a_out, dim=1)  # (tokens, sum of ranks): one matmul for every LoRA-A gradient
+    grad_a_all = da.t() @ flat_y
+    a_all = torch.cat([p.lora_a for p in projs], dim=0)
+    grad_y.add_((da @ a_all).view_as(y).to(y.dtype))
+    grad_as = list(torch.split(grad_a_all, [p.lora_a.shape[0] for p in projs], dim=0))
+    return grad_y, grad_as, grad_bs
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float  # the input RMSNorm's epsilon
+
+
+class AttentionInput(torch.autograd.Function):
+    """RMSNorm + q/k/v LoRA projections + rotary embedding: (query, key, value) as (batch, heads, tokens, dim)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, norm_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                projs: tuple[Projection, ...], shape: AttentionShape, *lora: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, inv = _rms(x, shape.eps)
+        y = norm_w * n.to(x.dtype)
+        a_out = y.to(projs[0].lora_a.dtype) @ torch.cat([p.lora_a for p in projs], dim=0).t()
+        q, k, v = _project(y, projs, a_out)
+        b, t = x.shape[:2]
+        q = q.view(b, t, shape.heads, shape.head_dim).transpose(1, 2)
+        k = k.view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
+        v = v.view(b, t, shape.kv_heads, shape.head_dim).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        ctx.save_for_backward(x, inv, a_out, cos, sin, norm_w)
+        ctx.projs = projs
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> tuple[Any, ...]:
+        x, inv, a_out, cos, sin, norm_w = ctx.saved_tensors
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        b, t = x.shape[:2]
+        gq = gq * c - _rotate_half(gq * s)  # the rotation is orthogonal: its transpose undoes it
+        gk = gk * c - _rotate_half(gk * s)
+        grads = [g.transpose(1, 2).reshape(b, t, -1) for g in (gq, gk, gv)]
+        y = norm_w * (x.float() * inv).to(x.dtype)
+        grad_y, grad_as, grad_bs = _project_backward(y, ctx.projs, a_out, grads)
+        grad_x, grad_w = _rms_backward(grad_y, x, inv, norm_w, ctx.needs_input_grad[1])
+        lora_grads = [g for pair in zip(grad_as, grad_bs) for g in pair]
+        return (grad_x, grad_w, None, None, None, None, *lora_grads)
+
+
+class Mlp(torch.autograd.Function):
+    """RMSNorm + LoRA gate/up + SiLU(gate) * up + LoRA down: the MLP's output, before the residual add."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, norm_w: torch.Tensor, eps: float, projs: tuple[Projection, ...],
+                *lora: torch.Tensor) -> torch.Tensor:
+        n, inv = _rms(x, eps)
+        y = norm_w * n.to(x.dtype)
+        gate_up, down = projs[:2], projs[2]
+        a_out = y.to(gate_up[0].lora_a.dtype) @ torch.cat([p.lora_a for p in gate_up], dim=0).t()
+        gate, up = _project(y, gate_up, a_out)
+        h = F.silu(gate) * up
+        a_down = h.to(down.lora_a.dtype) @ down.lora_a.t()
+        (out,) = _project(h, (down,), a_down)
+        ctx.save_for_backward(x, inv, a_out, gate, up, a_down, norm_w)
+        ctx.projs, ctx.eps = projs, eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        x, inv, a_out, gate, up, a_down, norm_w = ctx.saved_tensors
+        gate_up, down = ctx.projs[:2], ctx.projs[2]
+        sig = torch.sigmoid(gate)
+        act = gate * sig
+        h = act * up  # recomputed: cheaper than keeping 2 more (tokens x intermediate) tensors per layer
+        grad_h, (grad_ad,), (grad_bd,) = _project_backward(h, (down,), a_down, [grad_out])
+        del h
+        grad_up = grad_h * act
+        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
+        y = norm_w * (x.float() * inv).to(x.dtype)
+        grad_y, grad_as, grad_bs = _project_backward(y, gate_up, a_out, [grad_gate, grad_up])
+        grad_x, grad_w = _rms_backward(grad_y, x, inv, norm_w, ctx.needs_input_grad[1])
+        lora_grads = [g for pair in zip([*grad_as, grad_ad], [*grad_bs, grad_bd]) for g in pair]
+        return (grad_x, grad_w, None, None, *lora_grads)

@@ -1,0 +1,156 @@
+"""train.fused_lora: the fused decoder-layer blocks compute what peft's path computes (outputs and every adapter
+gradient, fp32, 1e-5) for LoRA, QLoRA and LoRA-8bit; they keep fewer saved tensors; adapters, merges and saved
+files are peft's; models or settings they cannot handle keep peft's path with a note."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+from lite_ft.model import build
+from lite_ft.recipe.load import load_recipe
+from lite_ft.training import fused_lora
+from lite_ft.training.loop import set_seed
+
+TOL = 1e-5
+
+
+def _built(make_doc: Callable[..., dict[str, Any]], method: str = "lora", **sections: Any) -> Any:
+    set_seed(0)
+    built = build(load_recipe(document=make_doc("qa", method, **sections)))
+    for name, p in built.model.named_parameters():  # B starts at zero: make it non-zero so A gets gradients too
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return built
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded row: the attention mask reaches the kernel through the fused path
+    mask[2, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, use_cache=False)  # as lite-ft's loop calls it
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def _assert_same(model: torch.nn.Module, vocab: int) -> None:
+    batch = _batch(vocab)
+    assert fused_lora.set_enabled(model, False) > 0
+    ref_loss, ref_logits, ref_grads = _loss_and_grads(model, batch)
+    fused_lora.set_enabled(model, True)
+    loss, logits, grads = _loss_and_grads(model, batch)
+    assert torch.allclose(loss, ref_loss, rtol=TOL, atol=TOL)
+    assert torch.allclose(logits, ref_logits, rtol=TOL, atol=TOL)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28  # 2 layers x 7 projections x (A, B)
+    for name in grads:
+        assert ref_grads[name].abs().max() > 0, name  # every adapter weight is really exercised
+        assert torch.allclose(grads[name], ref_grads[name], rtol=TOL, atol=TOL), name
+
+
+@pytest.mark.parametrize("method, quantization", [("lora", None), ("qlora", "4bit"), ("lora", "8bit")])
+def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method: str,
+                                 quantization: str | None) -> None:
+    built = _built(make_doc, method, model={"quantization": quantization},
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    assert built.fused_lora == "on: 2 of 2 decoder layers"
+    if quantization:  # the quantized base really is quantized: the blocks dequantize it themselves
+        kinds = {type(m).__name__ for m in built.model.modules()}
+        assert ("Linear4bit" if quantization == "4bit" else "Linear8bitLt") in kinds
+    _assert_same(built.model, len(built.tokenizer))
+
+
+def test_fused_blocks_under_gradient_checkpointing(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"gradient_checkpointing": True})
+    assert built.fused_lora.startswith("on:")
+    _assert_same(built.model, len(built.tokenizer))
+
+
+def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward pass."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch, use_cache=False).loss.backward()
+    return sum(seen.values())
+
+
+def test_fused_blocks_keep_fewer_tensors(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    batch = _batch(len(built.tokenizer))
+    fused_lora.set_enabled(built.model, False)
+    unfused = _saved_bytes(built.model, batch)
+    fused_lora.set_enabled(built.model, True)
+    assert _saved_bytes(built.model, batch) < 0.8 * unfused
+
+
+def test_adapter_merge_and_files_are_peft_s(make_doc: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    ref = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"fused_lora": False})
+    assert ref.fused_lora.startswith("off")
+    ours, theirs = get_peft_model_state_dict(built.model), get_peft_model_state_dict(ref.model)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    built.model.save_pretrained(tmp_path / "a")
+    ref.model.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    batch = _batch(len(built.tokenizer))
+    merged, merged_ref = built.model.merge_and_unload(), ref.model.merge_and_unload()
+    for (name, a), (_, b) in zip(merged.state_dict().items(), merged_ref.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the merged model has no adapters left: its layers, still patched, take the model's own path
+    for model in (merged, merged_ref):
+        model.train()
+    with torch.enable_grad():
+        assert torch.equal(merged(**batch, use_cache=False).loss, merged_ref(**batch, use_cache=False).loss)
+
+
+def test_generation_is_unchanged(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    model = built.model.eval()
+    ids = _batch(len(built.tokenizer))["input_ids"][:1]
+    fused_lora.set_enabled(model, False)
+    ref = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    other = copy.deepcopy(model)
+    fused_lora.set_enabled(other, True)
+    assert torch.equal(other.generate(input_ids=ids, max_new_tokens=5, do_sample=False), ref)
+
+
+def test_unsupported_settings_fall_back_with_a_note(make_doc: Callable[..., dict[str, Any]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    assert built.fused_lora.startswith("0 of 2 decoder layers fused") and "lora.dropout > 0" in built.fused_lora
+    assert "train.fused_lora: 0 of 2" in capsys.readouterr().err
+    bert = build(load_recipe(document=make_doc("classification", "lora")), num_labels=2)
+    assert "no decoder layers" in bert.fused_lora
+
+
+def test_a_layer_of_another_kind_is_named(make_doc: Callable[..., dict[str, Any]]) -> None:
+    built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"fused_lora": False})
+    layer = built.model.base_model.model.model.layers[0]
+    layer.__class__ = type("OtherDecoderLayer", (type(layer),), {})
+    report = fused_lora.install(built.model)
+    assert report.fused_layers == 1 and report.total_layers == 2
+    assert "OtherDecoderLayer is not a supported decoder layer" in report.describe()
