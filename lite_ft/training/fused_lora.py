@@ -117,6 +117,11 @@ def _eager(attn: torch.nn.Module) -> Callable[..., Any]:
     return sys.modules[type(attn).__module__].eager_attention_forward
 
 
+def _autocast(device_type: str) -> bool:
+    # The meta device (lite-ft plan's replay) has no autocast state to ask for; it never autocasts.
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _fused_or_original(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The decoder layer's forward (bound to each fused layer): the fused blocks where they compute exactly what
     peft's path would, else the class's own forward."""
@@ -125,7 +130,7 @@ def _fused_or_original(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     position_embeddings = kwargs.get("position_embeddings")
     parts = None
     if (self._lite_ft_fused and len(args) <= 1 and cache is None and position_embeddings is not None
-            and self.training and torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)):
+            and self.training and torch.is_grad_enabled() and not _autocast(hidden.device.type)):
         parts = layer_parts(self)  # a string if adapters were merged or disabled since install()
     if parts is None or isinstance(parts, str):
         return type(self).forward(self, *args, **kwargs)
