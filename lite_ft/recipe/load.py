@@ -318,8 +318,7 @@ def _check_tracking(r: Recipe, problems: list[str]) -> None:
     """train.keep_best and train.early_stop need evaluations during training, eval data, and a known metric."""
     scores = DURING_SCORES[r.task]
     if r.eval.during_limit and not scores:
-        problems.append(f"eval.during_limit: task {r.task}'s scores are its eval loss, which eval.every already "
-                        "logs; remove eval.during_limit")
+        problems.append(f"eval.during_limit: task {r.task}'s scores are its eval loss (eval.every logs it); remove it")
     has_eval = bool(r.data.eval or r.data.holdout) or not (r.data.train.startswith("builtin:") or
                                                            Path(r.data.train).suffix)  # a Hub id: its eval split
     stop = r.train.early_stop.metric if r.train.early_stop else None
@@ -331,9 +330,9 @@ def _check_tracking(r: Recipe, problems: list[str]) -> None:
             problems.append(f"{where}: needs evaluations during training; set eval.every (e.g. eval.every=20)")
         if not has_eval:
             problems.append(f"{where}: needs eval data; set data.eval or data.holdout")
-        known = ("eval_loss", *scores)
-        if metric not in known:
-            problems.append(f"{key}: {metric!r} is not a metric of task {r.task}; use one of {', '.join(known)}")
+        if metric not in ("eval_loss", *scores):
+            problems.append(f"{key}: {metric!r} is not a metric of task {r.task}; use one of "
+                            + ", ".join(("eval_loss", *scores)))
         elif metric != "eval_loss" and not r.eval.during_limit:
             problems.append(f"{key}: {metric} is a task score; set eval.during_limit (e.g. 100) so that it is "
                             "computed at each evaluation, or use eval_loss")

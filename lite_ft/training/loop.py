@@ -123,6 +123,7 @@ class _Log:
     final_loss: float = float("nan")  # mean loss of the last window: steadier than one step's loss
     trackers: Trackers | None = None
     eval_loss: float | None = None  # the last evaluation's, shown on the progress bar
+    eval_seconds: float = 0.0  # spent in evaluations during training (eval.every)
 
     def add(self, step: int, result: StepResult, lr: float, last: bool, every: int) -> None:
         self.loss, self.steps, self.tokens = self.loss + result.loss, self.steps + 1, self.tokens + result.tokens
@@ -155,6 +156,7 @@ class _Log:
         if self.trackers:
             self.trackers.log(entry)
         self.t0 += entry["eval_seconds"]  # tokens/s measures training, not the evaluation in between
+        self.eval_seconds += entry["eval_seconds"]
 
     def _postfix(self, entry: dict[str, Any]) -> None:
         extra = {"eval_loss": f"{self.eval_loss:.3f}"} if self.eval_loss is not None else {}
@@ -243,11 +245,12 @@ def train(model: torch.nn.Module, encoded: list[dict[str, Any]], cfg: TrainConfi
     if cfg.keep_best and tracking.best:
         kept.restore(tracking.best["step"], stepper)  # the run's result: the best evaluation's weights
     wall = time.perf_counter() - log.started
+    training = wall - log.eval_seconds  # speed figures: training only, not the evaluations in between
     return {"steps": end, "planned_steps": total, **tracking.report(), "final_loss": log.final_loss,
-            "tokens_per_second": session_tokens / max(wall, 1e-9),
-            "real_tokens": real_tokens, "seconds_per_step": wall / max(end - first_step + 1, 1),
-            "rank_tokens_per_second": local_tokens / max(wall, 1e-9),
-            "wall_seconds": wall, "resumed_from_step": first_step - 1, "skipped_nonfinite": bad,
+            "tokens_per_second": session_tokens / max(training, 1e-9),
+            "real_tokens": real_tokens, "seconds_per_step": training / max(end - first_step + 1, 1),
+            "rank_tokens_per_second": local_tokens / max(training, 1e-9),
+            "wall_seconds": wall, "eval_seconds_during_training": log.eval_seconds, "resumed_from_step": first_step - 1, "skipped_nonfinite": bad,
             "loss_path": stepper.loss.report, "precision": precision.describe(),
             **({"grad_scale": stepper.scaler.get_scale()} if stepper.scaler else {})}
 

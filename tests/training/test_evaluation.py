@@ -76,6 +76,9 @@ def test_eval_every_logs_the_eval_loss_at_the_right_steps(make_doc: Callable[...
     # The last evaluation is of the final weights: the model's own loss on the saved adapter gives the same figure.
     assert found[-1]["eval_loss"] == pytest.approx(own_eval_loss(out), rel=1e-5)
     assert metrics["train"]["steps"] == 7 and "best" not in metrics["train"]
+    spent = sum(e["eval_seconds"] for e in found)  # speed figures leave the evaluations out
+    assert metrics["train"]["eval_seconds_during_training"] == pytest.approx(spent)
+    assert metrics["train"]["seconds_per_step"] == pytest.approx((metrics["train"]["wall_seconds"] - spent) / 7)
     pytest.importorskip("tensorboard", reason="tensorboard is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
