@@ -41,10 +41,19 @@ def row(shipped: dict[str, Any], folder: Path) -> dict[str, Any]:
     task = metrics["task"]
     intervals = score_intervals(task, records)
     scores = {k: describe(metrics["eval"][k], intervals.get(k)) for k in SCORE_KEYS[task]}
-    t = metrics["train"]
     return {"run": folder.name, "changed": changed, "scores": scores, "n": len(records),
-            "steps": t.get("steps"), "seconds_per_step": t.get("seconds_per_step"),
+            "steps": metrics["train"]["steps"], "seconds_per_step": seconds_per_step(folder / "train_log.jsonl"),
             "eval_seconds": metrics["eval"].get("seconds")}
+
+
+def seconds_per_step(log: Path) -> float:
+    """Median seconds per step between consecutive log lines of train_log.jsonl. A run done in resumed pieces
+    restarts its clock in each piece, so its own total cannot be summed from the log; the median ignores the
+    piece boundaries."""
+    entries = [e for e in read_jsonl(log) if "elapsed_s" in e and "loss" in e]
+    rates = sorted((b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(entries, entries[1:])
+                   if b["step"] > a["step"] and b["elapsed_s"] > a["elapsed_s"])
+    return rates[len(rates) // 2] if rates else float("nan")
 
 
 def main() -> None:
@@ -60,8 +69,7 @@ def main() -> None:
     print("| --- | --- | " + " | ".join("---" for _ in keys) + " | ---: | ---: | ---: |")
     for r in rows:
         changed = ", ".join(f"`{k}={v}`" for k, v in r["changed"].items()) or "(as shipped)"
-        # A run done in several resumed pieces logs the s/step of its last piece: the training time is that times
-        # the steps. Heavy jobs took turns on the CPU (a lock); short ones may have overlapped.
+        # Heavy jobs took turns on the CPU (a lock); short ones may have overlapped.
         train = f"{r['steps']} x {r['seconds_per_step']:.2f} s = {r['steps'] * r['seconds_per_step'] / 60:.1f} min"
         print(f"| {r['run']} | {changed} | " + " | ".join(r["scores"][k] for k in keys)
               + f" | {r['n']} | {train} | {r['eval_seconds'] / 60:.1f} min |")

