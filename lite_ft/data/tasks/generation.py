@@ -99,8 +99,10 @@ class Decoder:
     def prefill(self, batch: list[list[int]], pad: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """Logits after each prompt, the cache and the mask: shared prefixes once per run, then the rest per row."""
         runs = runs_of(batch)
+        if all(r.end - r.start == 1 for r in runs):  # nothing shared: one pass, as plain left-padded prompts
+            runs = [Run(row, row + 1, 0) for row in range(len(batch))]
         cache, mask = None, torch.zeros((len(batch), 0), dtype=torch.long)
-        if any(r.shared for r in runs):  # else every prompt is one token long
+        if any(r.shared for r in runs):
             prefix_ids, prefix_mask = _left_padded([batch[r.start][:r.shared] for r in runs], pad)
             _, cache = self.forward(prefix_ids, prefix_mask, None)
             row_run = torch.tensor([k for k, r in enumerate(runs) for _ in range(r.start, r.end)])
