@@ -152,3 +152,18 @@ def recipe_doc(task: str, method: str, folder: Path, llama_dir: Path, bert_dir: 
         path = write_jsonl(folder / "instructions.jsonl", INSTRUCTION_ROWS)
         doc["data"] = {"train": str(path), "eval": str(path), "max_length": 128}
     return merge(doc, sections)
+
+
+def save_tiny_llama(folder: Path, tokenizer: Any, hidden: int, layers: int = 2, tied: bool = True) -> Path:
+    """A random (seeded) Llama of `layers` layers sized to `tokenizer`, saved with it into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=tied)
+    torch.manual_seed(4321)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import _asset_texts
-from helpers import recipe_doc
+from helpers import recipe_doc, save_tiny_llama
 from lite_ft import cli
 from lite_ft.errors import LiteFTError
 from lite_ft.export import gguf_export, gguf_vocab, llama_cpp, ollama
@@ -55,17 +55,7 @@ def bytelevel_tokenizer(pre: Any = None, vocab_size: int = 1000, unsplit: bool =
 
 def tiny_llama(folder: Path, tokenizer: Any, hidden: int = 256, tied: bool = True) -> Path:
     """A random 2-layer Llama; hidden 256 so that llama.cpp's k-quants (blocks of 256) apply to every matrix."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=tied)
-    torch.manual_seed(4321)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tokenizer, hidden, tied=tied)
 
 
 def train_run(folder: Path, model_dir: Path, method: str = "lora", **sections: Any) -> Path:

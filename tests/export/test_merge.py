@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import _asset_texts
-from helpers import read_jsonl, recipe_doc
+from helpers import read_jsonl, recipe_doc, save_tiny_llama
 from lite_ft.cli import main
 from lite_ft.recipe.load import load_recipe
 from lite_ft.errors import LiteFTError
@@ -34,17 +34,7 @@ SAMPLE = "The river Thames flows through London; 42 bridges cross it. Don't you 
 
 
 def _llama(folder: Path, tokenizer: Any, tied: bool, hidden: int = 64, layers: int = 2) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=tied)
-    torch.manual_seed(4321)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, tokenizer, hidden, layers, tied)
 
 
 @pytest.fixture(scope="module")
