@@ -2,7 +2,9 @@
 3 optimizer steps each of full fine-tuning, LoRA and QLoRA, through lite-ft's own build and training loop.
 
 Per method it prints and writes (JSON) the CUDA peak (allocated and reserved), tokens/s, and the loss of step 1
-next to an fp32 reference of the same step (same weights, same batch). Needs no network: the model is built from a
+next to an fp32 reference of the same step (same weights, same batch). The plan grid (issue #15): for each method
+at micro-batch 4 and 8, `lite-ft plan`'s CUDA prediction, made before the model is built, against the measured
+`max_memory_reserved` (the plan's peak less its assumed context, CUDA_CONTEXT_MIB). Needs no network: the model is built from a
 config and the tokenizer is trained on lite-ft's built-in texts. About 3-6 minutes on one H200.
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu] [--size 1b|tiny]
@@ -49,14 +51,14 @@ def make_model_dir(size: str, folder: Path) -> Path:
     return folder
 
 
-def recipe_for(model_dir: Path, method: str, dtype: str, out: Path, device: str) -> Any:
+def recipe_for(model_dir: Path, method: str, dtype: str, out: Path, device: str, batch: int = 8) -> Any:
     from lite_ft.recipe.load import load_recipe
 
     return load_recipe(document={
         "task": "qa", "method": method, "model": {"source": str(model_dir), "dtype": dtype},
         "data": {"train": "builtin:qa-train", "eval": None, "limit_train": 64, "max_length": 512},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {"max_steps": 3, "batch_size": 8, "lr": 2e-5 if method == "full" else 2e-4, "log_every": 1,
+        "train": {"max_steps": 3, "batch_size": batch, "lr": 2e-5 if method == "full" else 2e-4, "log_every": 1,
                   "warmup_ratio": 0.0, "device": device, "save_every": 0},
         "output": {"dir": str(out), "save_model": False}})
 
@@ -97,11 +99,40 @@ def train_method(recipe: Any) -> dict[str, Any]:
     return row
 
 
+def plan_row(recipe: Any, device: str) -> dict[str, Any]:
+    """The plan's prediction for `recipe` (no weights loaded), then the run; on CUDA the error of the predicted
+    reserved peak (the plan's peak less its assumed context) against the measured one."""
+    from lite_ft.plan.predict import CUDA_CONTEXT_MIB, predict
+
+    plan = predict(recipe, "cuda" if device == "cuda" else "cpu", gpu_memory_mib=140 * 1024, speed=False)
+    row = {"predicted_peak_mib": plan["peak_mib"], "parts": plan["parts"],
+           "longest_micro_batch": plan["longest_micro_batch"]}
+    measured = train_method(recipe)
+    if "peak_reserved_mib" in measured:
+        predicted = plan["peak_mib"] - CUDA_CONTEXT_MIB
+        row.update(predicted_reserved_mib=predicted, measured_reserved_mib=measured["peak_reserved_mib"],
+                   error_pct=100 * (predicted - measured["peak_reserved_mib"]) / measured["peak_reserved_mib"])
+    return row
+
+
+def plan_grid(model_dir: Path, methods: list[str], half: str, device: str, tmp: Path) -> dict[str, Any]:
+    """The plan against the measured peak for every method at micro-batch 4 and 8."""
+    grid = {}
+    for method in methods:
+        for batch in (4, 8):
+            row = plan_row(recipe_for(model_dir, method, half, tmp / f"plan-{method}-{batch}", device, batch), device)
+            grid[f"{method}-b{batch}"] = row
+            error = f", error {row['error_pct']:+.1f}%" if "error_pct" in row else " (no CUDA: nothing to compare)"
+            print(f"plan {method} batch {batch}: predicted {row['predicted_peak_mib']:,.0f} MiB{error}", flush=True)
+    return grid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu")
     parser.add_argument("--size", choices=SIZES, default="1b")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-plan", action="store_true", help="skip the plan grid (predicted vs measured peaks)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.size != "tiny":
@@ -121,6 +152,8 @@ def main() -> None:
             row["fp32_peak_reserved_mib"] = reference.get("peak_reserved_mib")
             results["methods"][method] = row
             print(describe(method, row), flush=True)
+        if not args.no_plan:
+            results["plan_grid"] = plan_grid(model_dir, args.methods.split(","), half, device, Path(tmp))
     results["wall_seconds"] = time.time() - started
     (args.out / f"gpu_check-{args.size}.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / f'gpu_check-{args.size}.json'} ({results['wall_seconds']:.0f} s)")

@@ -25,21 +25,21 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> (what changes, recipe overrides, environment variables)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "defaults": ("lite-ft's defaults: fused LoRA blocks, length-grouped batches, SDPA attention, loss on labelled "
-                 "positions only, one thread per core, glibc's default allocator settings", [], {}),
+                 "positions only, one thread per core, glibc mmap threshold 4 MiB on transparent huge pages "
+                 "(lite_ft.allocator)", [], {}),
+    "glibc defaults": ("glibc's allocator as it comes (LITE_FT_ALLOCATOR=glibc): its mmap threshold moves up to "
+                       "32 MiB, 4 KiB pages", [], {"LITE_FT_ALLOCATOR": "glibc"}),
+    "no huge pages": ("mmap threshold 4 MiB, 4 KiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=0)", [],
+                      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}),
     "fused_lora off": ("train.fused_lora: false: peft's own LoRA forward, autograd's saved tensors",
                        ["train.fused_lora=false"], {}),
     "no length grouping": ("random batches padded to their longest example", ["train.group_by_length=false"], {}),
     "eager attention": ("attention as plain matmul + softmax instead of fused SDPA", ["model.attention=eager"], {}),
-    "release memory": ("train.release_memory: freed tensors go back to the OS at once (glibc mmap threshold 1 MiB)",
+    "release memory": ("train.release_memory: mmap threshold 1 MiB, nearly every tensor on its own mapping",
                        ["train.release_memory=true"], {}),
-    "release memory + THP": ("train.release_memory, and glibc backs its memory with transparent huge pages "
-                             "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1): 512x fewer page faults",
-                             ["train.release_memory=true"], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
-    "THP": ("glibc backs its memory with transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)", [],
-            {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
-    "mmap threshold 16 MiB": ("glibc mmap threshold fixed at 16 MiB (MALLOC_MMAP_THRESHOLD_; also fixes the trim "
-                              "threshold at 128 KiB): only the largest tensors get their own mapping", [],
-                              {"MALLOC_MMAP_THRESHOLD_": str(16 << 20)}),
+    **{f"mmap threshold {mib} MiB": (f"glibc mmap threshold {mib} MiB instead of 4 (GLIBC_TUNABLES), huge pages",
+                                     [], {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={mib << 20}"})
+       for mib in (2, 8, 16)},
     "arena max 1": ("one glibc malloc arena for all threads (MALLOC_ARENA_MAX=1)", [], {"MALLOC_ARENA_MAX": "1"}),
     "thread affinity": ("OpenMP threads pinned one per core (OMP_PROC_BIND=close, OMP_PLACES=cores)", [],
                         {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}),

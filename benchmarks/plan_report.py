@@ -41,10 +41,10 @@ def write_report(record: dict[str, Any], out: Path) -> None:
              "predicted s/step | measured s/step | error | steps |"),
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [_row(n, results[n], calibrated) for n in names]
-    lines += ["", ("Commands: `flock /work/cpu.lock python benchmarks/plan_accuracy.py --measure --only NAMES` in chunks of "
-              "at most 10 minutes, `flock /work/cpu.lock python benchmarks/plan_calibrate.py --only NAMES`, "
-              "`flock /work/cpu.lock python benchmarks/plan_accuracy.py --predict`, then "
-              "`python benchmarks/plan_accuracy.py --report`."), ""]
+    lines += ["", ("Commands (one at a time on an otherwise idle machine): `python benchmarks/plan_accuracy.py "
+              "--measure`, `python benchmarks/plan_calibrate.py --only NAMES` (the calibration rows), "
+              "`python benchmarks/plan_accuracy.py --predict`, then `python benchmarks/plan_accuracy.py --report`."),
+              ""]
     (out / "plan_accuracy.md").write_text("\n".join(lines), encoding="utf-8")
     _plot(results, out / "plan_accuracy.png")
 

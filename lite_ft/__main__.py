@@ -1,3 +1,4 @@
-from lite_ft.cli import main
+"""`python -m lite_ft`: the same as the `lite-ft` command."""
+from lite_ft.cli import entry
 
-main()
+entry()

@@ -304,3 +304,12 @@ def plan_command(recipe: str, overrides: tuple[str, ...], device: str, gpu_memor
     click.echo(describe(result))
     if budget is not None:
         click.echo(describe_fit(result))
+
+
+def entry() -> None:
+    """The `lite-ft` command: glibc set up for training first (lite_ft.allocator: this may restart the process
+    once with GLIBC_TUNABLES), then the commands."""
+    from lite_ft.allocator import restart_with_huge_pages
+
+    restart_with_huge_pages()
+    main()

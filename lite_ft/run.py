@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lite_ft.allocator import configure as configure_allocator
 from lite_ft.data.load import Split, fingerprint, load_splits
 from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import DataError, OutOfMemory, WriteFailed
@@ -32,7 +33,7 @@ from lite_ft.training.distributed import Dist
 from lite_ft.training.evaluation import DuringEval, eval_batches
 from lite_ft.training.lock import RunLock
 from lite_ft.training.loop import RESUME_HINT, set_seed, train
-from lite_ft.training.memory import MemoryMonitor, describe_breakdown, return_freed_memory
+from lite_ft.training.memory import MemoryMonitor, describe_breakdown
 from lite_ft.training.trackers import Trackers
 from lite_ft.util import versions, write_jsonl
 
@@ -51,9 +52,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_dat
     dist = distributed.start(recipe.train.device, recipe.train.fsdp)  # before the device: each rank owns one
     placement = place(recipe)  # once, before anything is loaded: device and precision for the whole run
     recipe, memory_plan = before_loading(recipe, placement.device)  # train.fit, train.memory_check (lite-ft plan)
-    allocator = "glibc default"
-    if recipe.train.release_memory and placement.device.type == "cpu":
-        allocator = return_freed_memory()  # before the model and data take memory
+    allocator = "cuda caching allocator"
+    if placement.device.type == "cpu":
+        allocator = configure_allocator(recipe.train.release_memory)  # before the model and data take memory
     out = Path(recipe.output.dir)
     with _locked(out) if dist.is_main else nullcontext() as lock:
         plan = rundir.prepare(out, recipe, resume=resume, overwrite=overwrite) if dist.is_main else None

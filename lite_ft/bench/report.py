@@ -27,6 +27,9 @@ COLUMNS: dict[str, str] = {
     "gradients_mib": "their gradients, MiB",
     "optimizer_mib": "optimizer state (AdamW: two moments per trainable parameter), MiB",
     "activations_mib": "the rest of the training peak: activations, workspace, allocator slack, MiB",
+    "live_activations_mib": "of that, the live tensors of the run's longest micro-batch, replayed by `lite-ft plan` "
+                            "(activations kept for backward, output layer and backward workspace), MiB",
+    "allocator_overhead_mib": "the rest: memory the allocator holds beyond the live tensors (CPU: glibc's heap), MiB",
     "runtime_mib": "CPU only: the process before the model was loaded (Python, PyTorch), MiB",
     "tokens_per_second": "training throughput counting only real (non-padding) tokens",
     "seconds_per_step": "wall-clock seconds per optimizer step",
@@ -81,6 +84,7 @@ def table_rows(record: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]
     for r in record["methods"]:
         parts = r.get("breakdown_mib", {})
         flat = {k: r.get(k) for k in names}
+        flat.update(zip(("live_activations_mib", "allocator_overhead_mib"), split_activations(r) or (None, None)))
         for k in scores:
             ci = (r.get("intervals") or {}).get(k)
             flat[f"{k}_95ci"] = f"[{ci['low']:.1f}, {ci['high']:.1f}]" if ci else None
@@ -168,14 +172,20 @@ def plot_memory(record: dict[str, Any], path: Path) -> None:
     """Stacked bars: each method's training peak by part; a tick marks the whole-run peak when it is higher."""
     plt = _pyplot()
     ok = [r for r in record["methods"] if r["status"] == "ok" and r["breakdown_mib"]]
-    order = ["runtime", "weights", "trainable parameters", "gradients", "optimizer state", "activations"]
-    parts = sorted(dict.fromkeys(k for r in ok for k in r["breakdown_mib"]),
+    for r in ok:
+        r["chart_mib"] = dict(r["breakdown_mib"])
+        split = split_activations(r)
+        if split:  # the measured rest, cut into the replayed live tensors and what the allocator holds beyond them
+            del r["chart_mib"][ACTIVATIONS]
+            r["chart_mib"].update({LIVE: split[0], OVERHEAD: split[1]})
+    order = ["runtime", "weights", "trainable parameters", "gradients", "optimizer state", "activations", "allocator"]
+    parts = sorted(dict.fromkeys(k for r in ok for k in r["chart_mib"]),
                    key=lambda k: next(i for i, p in enumerate(order + [k]) if k.startswith(p)))
     fig, ax = plt.subplots(figsize=(1.6 * max(len(record["methods"]), 2) + 3, 4.5))
     names = [r["method"] for r in record["methods"]]
     bottoms = [0.0] * len(names)
     for part in parts:
-        heights = [r.get("breakdown_mib", {}).get(part, 0.0) if r["status"] == "ok" else 0.0
+        heights = [r.get("chart_mib", {}).get(part, 0.0) if r["status"] == "ok" else 0.0
                    for r in record["methods"]]
         ax.bar(names, heights, bottom=bottoms, label=part)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
@@ -192,6 +202,23 @@ def plot_memory(record: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+ACTIVATIONS = "activations and workspace"
+LIVE = "activations and workspace (live tensors, replayed)"
+OVERHEAD = "allocator overhead (resident beyond the live tensors)"
+
+
+def split_activations(row: dict[str, Any]) -> tuple[float, float] | None:
+    """The measured 'activations and workspace' part as (live tensors, allocator overhead), MiB: live from the
+    plan's replay of the run's longest micro-batch (train.memory_check records it), the overhead the rest. None
+    without both figures."""
+    measured = (row.get("breakdown_mib") or {}).get(ACTIVATIONS)
+    live = row.get("live_transient_mib")
+    if measured is None or live is None:
+        return None
+    live = min(live, measured)
+    return live, measured - live
 
 
 def plot_tradeoff(record: dict[str, Any], path: Path) -> None:

@@ -181,11 +181,13 @@ def result_row(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """The bench row of one finished run, from its metrics.json."""
     t = metrics["train"]
     breakdown = t.get("memory_breakdown") or {}
+    check = (t.get("memory_plan") or {}).get("check") or {}  # lite-ft plan's prediction, made before loading
     scores = SCORE_KEYS[metrics["task"]]
     evaluation = metrics.get("eval", {})
     return {"method": name, "status": "ok", "trainable_params": t["trainable_params"],
             "total_params": t["total_params"], "peak_memory_mib": t["peak_memory_mib"],
-            "predicted_peak_mib": ((t.get("memory_plan") or {}).get("check") or {}).get("predicted_peak_mib"),
+            "predicted_peak_mib": check.get("predicted_peak_mib"),
+            "live_transient_mib": check.get("live_transient_mib"),
             "peak_phase": t["peak_memory_phase"], "training_peak_mib": breakdown.get("peak_mib"),
             "memory_source": t["memory_source"], "breakdown_mib": breakdown.get("parts_mib", {}),
             "tokens_per_second": t["tokens_per_second"], "seconds_per_step": t["seconds_per_step"],

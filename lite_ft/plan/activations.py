@@ -34,6 +34,7 @@ class Transient:
     activations_mib: float  # kept for backward at the end of the decoder's forward
     peak_mib: float  # the most at once over forward, loss and backward
     flops: float  # forward + backward (recomputation included)
+    small_peak_mib: float = 0.0  # of the peak, in tensors under the allocator's mmap threshold (glibc's heap)
 
     @property
     def workspace_mib(self) -> float:
@@ -41,23 +42,24 @@ class Transient:
         return max(self.peak_mib - self.activations_mib, 0.0)
 
 
-def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta") -> Transient:
+def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta", threshold: int | None = None
+            ) -> Transient:
     """Replay one micro-batch of `shape` as in a steady-state step: the gradients already exist (made here as
-    zeros) and accumulate in place. `device` "cpu" runs the same count on a real model (how tests check the
-    replay)."""
+    zeros) and accumulate in place. `threshold`: the mmap threshold in bytes (None: every tensor counts as small).
+    `device` "cpu" runs the same count on a real model (how tests check the replay)."""
     model = meta.model
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     known = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
-    tracker = LiveBytes(known=known)
+    tracker = LiveBytes(known=known, threshold=threshold)
     counter = FlopCounterMode(display=False)
     with cpu_attention_kernel(), counter, tracker:
         loss = _loss(model, shape, causal, device, tracker)
         loss.backward()
         del loss
     return Transient(activations_mib=tracker.marks.get("forward", 0) / MIB, peak_mib=tracker.peak / MIB,
-                     flops=float(counter.get_total_flops()))
+                     flops=float(counter.get_total_flops()), small_peak_mib=tracker.small_at_peak / MIB)
 
 
 def _loss(model: torch.nn.Module, shape: Shape, causal: bool, device: str, tracker: LiveBytes
@@ -84,6 +86,24 @@ def _loss(model: torch.nn.Module, shape: Shape, causal: bool, device: str, track
     logits = head(picked)
     targets = torch.zeros(logits.shape[0], dtype=torch.long, device=device)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def measure_eval(meta: MetaModel, rows: int, width: int, generate: bool, threshold: int | None = None,
+                 device: str = "meta") -> Transient:
+    """One eval batch without gradients: `rows` prompts `width` tokens wide through the model. `generate` (qa):
+    with the KV cache and the output layer on the last position only, as lite-ft's greedy decoding runs its
+    prefill (`width` is then the prompt plus eval.max_new_tokens: the most the cache holds); else the model's own
+    logits (classification)."""
+    model = meta.model
+    tracker = LiveBytes(known=[*model.parameters(), *model.buffers()], threshold=threshold)
+    ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    mask = torch.ones(rows, 1, width, width, dtype=torch.bool, device=device)
+    kwargs = {"use_cache": True, "logits_to_keep": 1} if generate else {}
+    with torch.no_grad(), cpu_attention_kernel(), tracker:
+        out = model(input_ids=ids, attention_mask=mask, **kwargs)
+        del out
+    return Transient(activations_mib=0.0, peak_mib=tracker.peak / MIB, flops=0.0,
+                     small_peak_mib=tracker.small_at_peak / MIB)
 
 
 def scale_flops(flops: float, measured: Shape, tokens: int) -> float:

@@ -81,8 +81,10 @@ def _check(recipe: Recipe, device: torch.device) -> tuple[Recipe, dict[str, Any]
     # On the CPU this process already holds the plan's runtime part: only the rest must still be free.
     held = psutil.Process().memory_info().rss / MIB if kind == "cpu" else 0.0
     needed = plan["peak_mib"] - held
+    parts = plan["parts"]
+    live = parts["activations (kept for backward)"] + parts["output layer, loss and backward workspace"]
     record["check"] = {"predicted_peak_mib": plan["peak_mib"], "needed_mib": needed, "available_mib": free,
-                       "available_from": source}
+                       "available_from": source, "live_transient_mib": live}
     if needed > free:
         found = fit(recipe, free + held, kind, ctx=ctx, speed=False)
         found.update(budget_mib=free + held, fitted=found["plan"])

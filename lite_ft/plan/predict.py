@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import torch
 
+from lite_ft import allocator
 from lite_ft.data.load import load_splits
 from lite_ft.data.tasks import get_task
 from lite_ft.model import load_tokenizer
@@ -22,6 +23,7 @@ from lite_ft.plan.activations import (
     Shape,
     Transient,
     measure,
+    measure_eval,
     optimizer_transient_mib,
     scale_flops,
 )
@@ -39,13 +41,22 @@ from lite_ft.recipe.precision import precision_for
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
 
-# Resident memory of a micro-batch's transient tensors on the CPU, over their live peak (which the replay counts).
-# glibc's default heap keeps freed activation blocks (its mmap threshold adapts up to 32 MiB, so nearly every
-# activation lives in the heap) and fragments; train.release_memory maps each tensor from 1 MiB on its own.
-# Measured on this machine (benchmarks/results/plan-cpu/calibration.md). A best-fit simulation of the heap over the
-# replay's allocation trace came out at about half the measured excess, so the factor is measured, not simulated.
-HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("release_memory", "full"): 1.06,
-        ("release_memory", "adapters"): 1.06}
+# Resident memory of a micro-batch's transient tensors on the CPU beyond their live peak (which the replay counts),
+# per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration.md):
+# HEAP x the transient peak + OVERHEAD MiB. lite_ft.allocator fixes glibc's mmap threshold (4 MiB; 1 MiB with
+# train.release_memory): tensors from there up get their own mappings, resident while alive (on 2 MiB huge pages),
+# the smaller ones share glibc's heap, which keeps freed blocks and fragments; OVERHEAD is what a training process
+# holds beyond its tensors whatever the batch (code pages of the kernels a step runs, oneDNN scratch, thread
+# stacks). With LITE_FT_ALLOCATOR=glibc the threshold moves up to 32 MiB and nearly every activation lives in the
+# heap (those two factors were measured before lite_ft.allocator, on a machine with twice the matmul rate). A
+# best-fit simulation of the heap over the replay's allocation trace came out at about half the measured excess,
+# so the factors are measured, not simulated. "quantized": QLoRA and LoRA over an 8-bit base (bitsandbytes'
+# dequantized weights pass through the heap in every layer).
+HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
+        ("mmap 4 MiB", "full"): 0.55, ("mmap 4 MiB", "adapters"): 1.35, ("mmap 4 MiB", "quantized"): 1.0,
+        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.0, ("mmap 1 MiB", "quantized"): 1.0}
+OVERHEAD = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 85.0, ("mmap 4 MiB", "adapters"): 47.0,
+            ("mmap 4 MiB", "quantized"): 925.0, ("mmap 1 MiB", "adapters"): 119.0}
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -61,6 +72,7 @@ class Context:
     causal: bool
     num_labels: int | None
     runtime_mib: float
+    eval_lengths: list[int] | None = None  # token lengths of the eval prompts (qa) or examples (classification)
     notes: list[str] = field(default_factory=list)
     cache: dict[Any, Any] = field(default_factory=dict)  # meta models and replays, by what they depend on
 
@@ -71,7 +83,7 @@ def prepare(recipe: Recipe) -> Context:
     config = load_config(path, recipe)
     task = get_task(recipe.task)
     notes: list[str] = []
-    lengths = units = None
+    lengths = units = eval_lengths = None
     num_labels = None
     train_split, eval_split = load_splits(recipe, task)
     if recipe.task == "classification":
@@ -83,11 +95,23 @@ def prepare(recipe: Recipe) -> Context:
                      f"data.max_length={recipe.data.max_length} tokens wide, fully labelled (an upper bound)")
     else:
         lengths, units = encode_lengths(task, train_split.examples, tokenizer, recipe, task.causal)
+        eval_lengths = _eval_lengths(task, eval_split, tokenizer, recipe)
     if recipe.model.quantization in ("8bit", "4bit") or recipe.train.optimizer == "adamw8bit":
         import bitsandbytes  # noqa: F401  - the run imports it too; its libraries are part of the runtime
     runtime = psutil.Process().memory_info().rss / MIB
     return Context(path=path, config=config, lengths=lengths, units=units, causal=task.causal,
-                   num_labels=num_labels, runtime_mib=runtime, notes=notes)
+                   num_labels=num_labels, runtime_mib=runtime, eval_lengths=eval_lengths, notes=notes)
+
+
+def _eval_lengths(task: Any, split: Any, tokenizer: Any, recipe: Recipe) -> list[int] | None:
+    """Token lengths of what evaluation runs through the model: the prompts (qa, generation) or the encoded
+    examples (classification); None for other tasks (their teacher-forced eval is a no-grad forward of training's
+    own shapes, below the training peak) or without eval data."""
+    if split is None or not split.examples or recipe.task not in ("qa", "classification"):
+        return None
+    if recipe.task == "qa":
+        return [len(task.prompt(e, tokenizer, recipe)) for e in split.examples]
+    return encode_lengths(task, split.examples, tokenizer, recipe, task.causal)[0] or None
 
 
 def _batches(ctx: Context, recipe: Recipe) -> Batches:
@@ -129,13 +153,16 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     parts["output layer, loss and backward workspace"] = max(transient.workspace_mib, opt_temp - transient.activations_mib)
     if autocast:
         parts["autocast weight copies"] = trainable * 2 / MIB  # 16-bit copies of the fp32 weights, kept for backward
-    allocator = _allocator(recipe, device)
-    if device == "cpu":  # freed blocks glibc keeps resident beyond the live peak (HEAP)
-        parts[f"allocator ({allocator} heap)"] = (heap_factor(recipe, allocator) - 1.0) * transient.peak_mib
+    kind, threshold = allocator_model(recipe, device)
+    in_heap = transient.small_peak_mib if threshold else transient.peak_mib
+    if device == "cpu":  # what glibc and the process keep resident beyond the live peak (HEAP, OVERHEAD)
+        parts[f"allocator ({kind})"] = resident_excess(recipe, kind, transient.peak_mib)
     peak = sum(parts.values())
     if device == "cuda":
         parts["allocator (cuda reserve)"] = (peak - CUDA_CONTEXT_MIB) * (CUDA_RESERVE - 1)
         peak = sum(parts.values())
+    evaluation = _evaluation(ctx, recipe, replay_dtype, device, parts)
+    training_peak, peak = peak, max(peak, evaluation["peak_mib"] if evaluation else 0.0)
     flops_step = scale_flops(transient.flops, shape, batches.padded_tokens) / batches.steps
     sps = tps = wall = None
     rate = None
@@ -146,24 +173,49 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
         tps = batches.real_tokens / batches.steps / sps
         wall = sps * batches.steps
     available = gpu_memory_mib if device == "cuda" and gpu_memory_mib else _available_mib(device)
-    return {"device": device, "peak_mib": peak, "parts": parts, "seconds_per_step": sps, "tokens_per_second": tps,
+    return {"device": device, "peak_mib": peak, "training_peak_mib": training_peak, "evaluation": evaluation,
+            "peak_phase": "evaluation" if peak > training_peak else "training",
+            "parts": parts, "seconds_per_step": sps, "tokens_per_second": tps,
             "wall_seconds_training": wall, "fits": None if available is None else peak <= available,
             "available_mib": available, "steps": batches.steps,
             "longest_micro_batch": {**dataclasses.asdict(shape), "first_at_step": batches.worst_step},
             "flops_per_step": flops_step, "matmul": rate, "trainable_params": trainable, "total_params": total,
             "dtypes": {"compute": str(compute).replace("torch.", ""), "weights": str(weights).replace("torch.", ""),
                        "autocast": autocast},
-            "allocator": allocator if device == "cpu" else "cuda caching allocator (reserve assumed)",
+            "allocator": kind if device == "cpu" else "cuda caching allocator (reserve assumed)",
+            "heap_mib": in_heap,
             "notes": list(ctx.notes)}
 
 
 def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:
     """One replay, cached by everything it depends on (the --budget search reuses them)."""
+    threshold = allocator_model(recipe, "cpu")[1]
     key = (shape, dtype, recipe.method, recipe.model.quantization, recipe.model.attention, recipe.lora,
-           recipe.train.gradient_checkpointing)
+           recipe.train.gradient_checkpointing, threshold)
     if key not in ctx.cache:
-        ctx.cache[key] = measure(_meta(ctx, recipe, dtype), shape, ctx.causal)
+        ctx.cache[key] = measure(_meta(ctx, recipe, dtype), shape, ctx.causal, threshold=threshold)
     return shape, ctx.cache[key]
+
+
+def _evaluation(ctx: Context, recipe: Recipe, dtype: torch.dtype, device: str, parts: dict[str, float]
+                ) -> dict[str, Any] | None:
+    """The largest eval batch's peak (MiB): the run's static parts (weights, adapter, gradients, optimizer state)
+    plus the batch's no-grad forward, replayed on the meta device; None when the eval data is not known."""
+    if not ctx.eval_lengths:
+        return None
+    generate = recipe.task == "qa"
+    rows = min(recipe.eval.batch_size, len(ctx.eval_lengths))
+    width = max(ctx.eval_lengths) + (recipe.eval.max_new_tokens if generate else 0)
+    kind, threshold = allocator_model(recipe, device)
+    key = ("eval", rows, width, dtype, recipe.method, recipe.model.quantization, recipe.lora, threshold)
+    if key not in ctx.cache:
+        ctx.cache[key] = measure_eval(_meta(ctx, recipe, dtype), rows, width, generate, threshold=threshold)
+    transient = ctx.cache[key]
+    static = sum(v for k, v in parts.items() if not k.startswith(("activations", "output layer", "allocator")))
+    heap = resident_excess(recipe, kind, transient.peak_mib) if device == "cpu" else 0.0
+    reserve = (static + transient.peak_mib) * (CUDA_RESERVE - 1) if device == "cuda" else 0.0
+    return {"peak_mib": static + transient.peak_mib + heap + reserve, "rows": rows, "width": width,
+            "generation": generate, "transient_mib": transient.peak_mib}
 
 
 def _meta(ctx: Context, recipe: Recipe, dtype: torch.dtype) -> MetaModel:
@@ -175,14 +227,28 @@ def _meta(ctx: Context, recipe: Recipe, dtype: torch.dtype) -> MetaModel:
     return ctx.cache[key]
 
 
-def heap_factor(recipe: Recipe, allocator: str) -> float:
-    """HEAP for this recipe: full fine-tuning re-allocates every gradient during the backward pass (they are
-    freed after each step), which fills the heap's holes; adapter methods leave them empty."""
-    return HEAP[(allocator, "full" if recipe.method == "full" else "adapters")]
+def family(recipe: Recipe) -> str:
+    """The method family the CPU constants are measured by: full, adapters, or quantized (a 4- or 8-bit base)."""
+    if recipe.method == "full":
+        return "full"
+    return "quantized" if recipe.model.quantization in ("4bit", "8bit") else "adapters"
 
 
-def _allocator(recipe: Recipe, device: str) -> str:
-    return "release_memory" if recipe.train.release_memory and device == "cpu" else "glibc default"
+def resident_excess(recipe: Recipe, kind: str, transient_mib: float) -> float:
+    """MiB resident beyond the live tensors for a transient peak of `transient_mib` (HEAP, OVERHEAD)."""
+    key = (kind, family(recipe))
+    return (HEAP[key] - 1.0) * transient_mib + OVERHEAD[key]
+
+
+def allocator_model(recipe: Recipe, device: str) -> tuple[str, int | None]:
+    """The CPU allocator a run of `recipe` will have (lite_ft.allocator) and its mmap threshold in bytes (None:
+    glibc's own moving threshold, or not the CPU)."""
+    if device != "cpu":
+        return "cuda caching allocator", None
+    if not allocator.tuned():
+        return "glibc default", None
+    threshold = allocator.RELEASE_THRESHOLD if recipe.train.release_memory else allocator.MMAP_THRESHOLD
+    return f"mmap {threshold >> 20} MiB", threshold
 
 
 def _available_mib(device: str) -> float | None:

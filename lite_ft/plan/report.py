@@ -24,9 +24,15 @@ def describe(plan: dict[str, Any]) -> str:
     lines = [(f"predicted peak {plan['peak_mib']:,.0f} MiB ({_what(plan)}), {plan['steps']} steps; longest "
               f"micro-batch {longest['rows']} x {longest['width']} tokens (first at step {longest['first_at_step']})")]
     width = max(len(k) for k in plan["parts"])
+    lines.append(f"training peak {plan['training_peak_mib']:,.0f} MiB:")
     for name, mib in sorted(plan["parts"].items(), key=lambda kv: -kv[1]):
         if mib >= 0.5:
             lines.append(f"  {name:<{width}}  {mib:>10,.0f} MiB")
+    ev = plan.get("evaluation")
+    if ev:
+        what = "prefill with the KV cache" if ev["generation"] else "no-grad forward"
+        lines.append(f"evaluation peak {ev['peak_mib']:,.0f} MiB ({ev['rows']} x {ev['width']} tokens, {what})"
+                     + ("  <- the run's peak" if plan["peak_phase"] == "evaluation" else ""))
     if plan["seconds_per_step"] is not None:
         lines.append(f"speed: {plan['seconds_per_step']:.2f} s/step, {plan['tokens_per_second']:.0f} tokens/s, "
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
@@ -61,7 +67,8 @@ def describe_fit(result: dict[str, Any]) -> str:
     fitted = result["fitted"]
     speed = (f", {fitted['seconds_per_step']:.2f} s/step, {fitted['tokens_per_second']:.0f} tokens/s"
              if fitted["seconds_per_step"] is not None else "")
+    margin = f", with the plan's {100 * result['margin']:.0f}% margin" if result.get("margin") else ""
     if not result["overrides"]:
-        return f"the recipe as it is fits the budget ({fitted['peak_mib']:,.0f} MiB{speed})"
-    return (f"fits {result['budget_mib']:,.0f} MiB with: {' '.join(result['overrides'])}\n"
+        return f"the recipe as it is fits the budget{margin} ({fitted['peak_mib']:,.0f} MiB{speed})"
+    return (f"fits {result['budget_mib']:,.0f} MiB{margin} with: {' '.join(result['overrides'])}\n"
             f"  predicted peak {fitted['peak_mib']:,.0f} MiB{speed}")

@@ -16,8 +16,9 @@ from lite_ft.sources.catalog import cache_dir
 # Share of the torch.mm rate that a training step reaches on the CPU, per method: measured on SmolLM2-135M
 # (benchmarks/results/plan-cpu/calibration.md, by benchmarks/plan_calibrate.py). QLoRA and 8-bit dequantize their weights in every forward and
 # backward (work the FLOP count does not see); gradient checkpointing's recomputation is in the FLOP count.
-EFFICIENCY = {"full": 0.59, "lora": 0.45, "qlora": 0.47, "lora-8bit": 0.32}
-RELEASE_SPEED = 0.79  # tokens/s with train.release_memory (fresh pages for every tensor), measured in the README
+EFFICIENCY = {"full": 0.62, "lora": 0.48, "qlora": 0.52, "lora-8bit": 0.57}
+RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
+# plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
 
 def _key() -> str:

@@ -19,24 +19,34 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created by ops inside the block: `live` now, `peak` the most at once.
+    """Counts the bytes of storages created by ops inside the block: `live` now, `peak` the most at once, and
+    `small_at_peak`: how much of the peak was in storages under `threshold` bytes (glibc serves those from its
+    heap, larger ones from their own mappings: lite_ft.allocator).
 
     Storages that existed before (weights, gradients, optimizer state) are registered with `known` and never
     counted: views of them (a transposed weight) are not new memory.
     """
 
-    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, known: Iterable[torch.Tensor] = (), threshold: int | None = None) -> None:
         super().__init__()
         self._seen = WeakIdKeyDictionary()
         self._refs: dict[int, Any] = {}
         self.live = 0
         self.peak = 0
+        self.live_small = 0
+        self.small_at_peak = 0
+        self.threshold = threshold
         self.marks: dict[str, int] = {}
         for t in known:
             self._seen[t.untyped_storage()] = 0
 
+    def _small(self, nbytes: int) -> bool:
+        return self.threshold is None or nbytes < self.threshold
+
     def _freed(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
+        if self._small(nbytes):
+            self.live_small -= nbytes
         self._refs.pop(key, None)
 
     def mark(self, name: str) -> None:
@@ -45,6 +55,7 @@ class LiveBytes(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live
+        self.small_at_peak = self.live_small
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -60,7 +71,10 @@ class LiveBytes(TorchDispatchMode):
             # The callback runs when the storage is freed: its bytes leave the count then.
             self._refs[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._freed(key, n))
             self.live += nbytes
-            self.peak = max(self.peak, self.live)
+            if self._small(nbytes):
+                self.live_small += nbytes
+            if self.live > self.peak:
+                self.peak, self.small_at_peak = self.live, self.live_small
         return out
 
 

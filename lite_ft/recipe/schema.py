@@ -126,8 +126,9 @@ class TrainConfig:
     Same gradients within rounding; measured on SmolLM2-135M / SQuAD: see the README's speed section. Other
     models, lora.dropout > 0 and train.fsdp keep peft's path, with a note in metrics.json (train.fused_lora)."""
     release_memory: bool = setting(False, result=False)
-    """CPU (Linux): hand freed activation memory back to the OS at once instead of keeping it in glibc's heap.
-    Measured on SmolLM2-135M / SQuAD LoRA: peak RSS 0.57x, tokens/s 0.79x (fresh pages for every new tensor)."""
+    """CPU (Linux, glibc): give nearly every activation tensor its own mapping (mmap threshold 1 MiB instead of
+    lite-ft's default 4 MiB, lite_ft.allocator), returned to the OS when freed: the least memory, at a speed cost
+    (fresh pages for every new tensor); measured in the README's speed section."""
     memory_snapshot: bool = setting(False, result=False)
     """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
     keep_best: str | None = setting(None, result=True)

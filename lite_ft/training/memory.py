@@ -7,9 +7,6 @@ parameters, their gradients and the optimizer state; what the peak holds beyond 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -256,25 +253,3 @@ def describe_breakdown(breakdown: dict[str, Any] | None) -> str:
     parts = sorted(breakdown["parts_mib"].items(), key=lambda kv: -kv[1])
     return (f"training peak {breakdown['peak_mib']:.0f} MiB = "
             + " + ".join(f"{name} {mib:.0f}" for name, mib in parts if mib >= 0.5))
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-MMAP_THRESHOLD = 1 << 20  # bytes: tensors from 1 MiB up get their own mapping, returned to the OS when freed
-
-
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> str:
-    """Make glibc hand large freed blocks back to the OS instead of keeping them in its heap (train.release_memory).
-
-    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, after which activation
-    tensors come from the heap, which fragments and does not shrink: resident memory ends up well above what the
-    live tensors need. A fixed threshold gives each large tensor its own mapping, returned on free; the cost is
-    that every new tensor starts on fresh pages the kernel must zero. Returns what was set, for metrics.json.
-    """
-    if not sys.platform.startswith("linux"):
-        return "platform default (train.release_memory works with Linux glibc only)"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return "platform default (no glibc mallopt)"
-    return f"glibc mmap threshold {threshold} bytes" if ok else "glibc default (mallopt refused)"

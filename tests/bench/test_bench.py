@@ -164,19 +164,6 @@ def test_qlora_weights_take_less_memory_than_lora_weights(make_doc: Callable[...
     assert 0 < weights["qlora"]["4-bit nf4"] < 0.2 * quantized_fp32
 
 
-def test_release_memory_sets_a_fixed_mmap_threshold_on_glibc() -> None:
-    import platform
-
-    from lite_ft.training.memory import return_freed_memory
-
-    said = return_freed_memory(1 << 20)
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert said == "glibc mmap threshold 1048576 bytes"
-    else:
-        assert "default" in said
-    return_freed_memory(32 << 20)  # back to about glibc's own ceiling for the rest of the test session
-
-
 def test_attention_kernel_is_passed_to_transformers(make_doc: Callable[..., dict[str, Any]]) -> None:
     built = build(load_recipe(document=make_doc("qa", "lora", model={"attention": "eager"})))
     assert built.model.get_base_model().config._attn_implementation == "eager"
@@ -196,3 +183,18 @@ def test_quantized_classification_keeps_its_new_head_in_full_precision(
     stats, _ = train_steps(built.model, built.tokenizer, recipe)
     assert stats["steps"] == 3 and math.isfinite(stats["final_loss"])
     assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads)), "the new head did not train"
+
+
+def test_memory_chart_splits_live_tensors_from_allocator_overhead(tmp_path) -> None:
+    from lite_ft.bench.report import LIVE, OVERHEAD, plot_memory, split_activations
+
+    row = {"method": "lora", "status": "ok", "peak_memory_mib": 1000.0, "peak_phase": "steady_state",
+           "memory_source": "process_rss", "live_transient_mib": 300.0,
+           "breakdown_mib": {"runtime": 400.0, "weights (float32)": 100.0, "activations and workspace": 500.0}}
+    assert split_activations(row) == (300.0, 200.0)
+    assert split_activations({**row, "live_transient_mib": 900.0}) == (500.0, 0.0)  # never more than measured
+    assert split_activations({**row, "live_transient_mib": None}) is None
+    plot_memory({"methods": [row]}, tmp_path / "memory.png")
+    assert row["chart_mib"][LIVE] + row["chart_mib"][OVERHEAD] == 500.0
+    assert "activations and workspace" not in row["chart_mib"]
+    assert (tmp_path / "memory.png").stat().st_size > 0
