@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -30,6 +31,7 @@ OPT_OUT = "LITE_FT_ALLOCATOR"  # "glibc": leave glibc's allocator as it is
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
+@functools.cache  # platform.libc_ver reads the Python executable: once per process, not per call
 def _glibc_linux() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
