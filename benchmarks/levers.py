@@ -45,6 +45,16 @@ VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
                         {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}),
     "gradient checkpointing": ("activations recomputed in the backward pass", ["train.gradient_checkpointing=true"],
                                {}),
+    "bf16": ("model.dtype=bfloat16: frozen base stored and computed in bf16, adapters fp32 (AMX / AVX512-BF16 "
+             "CPUs only; ~400x slower without)", ["model.dtype=bfloat16"], {}),
+    "fp32": ("model.dtype=float32: everything in fp32", ["model.dtype=float32"], {}),
+    "qlora fp32": ("method=qlora, model.dtype=float32: NF4 base dequantized to fp32", ["method=qlora",
+                   "model.dtype=float32"], {}),
+    "qlora bf16": ("method=qlora, model.dtype=bfloat16: NF4 base dequantized to bf16", ["method=qlora",
+                   "model.dtype=bfloat16"], {}),
+    "full fp32": ("method=full, model.dtype=float32", ["method=full", "model.dtype=float32"], {}),
+    "full bf16": ("method=full, model.dtype=bfloat16: fp32 master weights, bf16 autocast",
+                  ["method=full", "model.dtype=bfloat16"], {}),
 }
 
 

@@ -18,7 +18,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from lite_ft.model import HEADS
+from lite_ft.model import HEADS, unquantized_dtype
 from lite_ft.training import fused_lora
 from lite_ft.recipe.schema import Recipe
 
@@ -67,9 +67,9 @@ def build_meta(config: Any, recipe: Recipe, weights: torch.dtype, num_labels: in
         for p in model.parameters():
             p.requires_grad_(False)
         if recipe.model.quantization in ("8bit", "4bit"):
-            for name, p in model.named_parameters():  # peft's prepare_model_for_kbit_training casts these to fp32
-                if p.dtype in (torch.float16, torch.bfloat16) and name.rsplit(".", 1)[0] not in quantized:
-                    p.data = p.data.to(torch.float32)
+            for name, p in model.named_parameters():  # as lite_ft.model.attach_lora keeps them
+                if name.rsplit(".", 1)[0] not in quantized:
+                    p.data = p.data.to(unquantized_dtype(name, p.dtype))
         if recipe.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

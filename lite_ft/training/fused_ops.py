@@ -28,6 +28,7 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if kind == "Linear4bit":
         import bitsandbytes.functional as bnbf
 
+        check_standard_layout(base)
         return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
     if kind == "Linear8bitLt":
         state = base.state
@@ -35,6 +36,24 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         scb = state.SCB if state.SCB is not None else base.weight.SCB
         return cb.to(dtype) * (scb.to(dtype) / 127.0).unsqueeze(1)
     return base.weight if base.weight.dtype == dtype else base.weight.to(dtype)
+
+
+def check_standard_layout(base: torch.nn.Module) -> None:
+    """Fail loudly on a 4-bit weight bitsandbytes has repacked for its CPU kernel (see keep_standard_layout):
+    dequantize_4bit would read that layout as garbage (loss 22 instead of 2 on SmolLM2), not raise."""
+    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError("bitsandbytes repacked a 4-bit weight for its CPU kernel before the fused LoRA blocks "
+                           "read it; set train.fused_lora: false")
+
+
+def keep_standard_layout(base: torch.nn.Module) -> None:
+    """Keep a Linear4bit's weight in bitsandbytes' standard layout. On CPUs with AVX512-BF16, bitsandbytes 0.49+
+    repacks it in place on the first forward without gradients (lite-ft's loss check runs one before training;
+    evaluations do too), and its way back re-quantizes the scales (up to 0.2% off per weight); asking it not to
+    pack costs its packed inference kernel, not correctness."""
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+    check_standard_layout(base)
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,31 @@ def test_policy_table(make_doc: Callable[..., dict[str, Any]], method: str, dtyp
     assert p.compute == getattr(torch, dtype)
 
 
-def test_cpu_stays_fp32_unless_asked(make_doc: Callable[..., dict[str, Any]]) -> None:
-    p = precision_for(recipe(make_doc, "full", "auto"), CPU)
+@pytest.mark.parametrize("method, weights", [("full", torch.float32), ("lora", torch.bfloat16)])
+def test_auto_follows_the_cpu(make_doc: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch, method: str,
+                              weights: torch.dtype) -> None:
+    """auto: fp32 on a CPU without bf16 hardware; bf16 (fp32 master weights for full) on one with AMX/AVX512-BF16."""
+    import lite_ft.recipe.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: False)
+    p = precision_for(recipe(make_doc, method, "auto"), CPU)
     assert (p.compute, p.weights, p.autocast, p.grad_scaler) == (torch.float32, torch.float32, False, False)
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: True)
+    p = precision_for(recipe(make_doc, method, "auto"), CPU)
+    assert (p.compute, p.weights, p.autocast, p.grad_scaler) == (torch.bfloat16, weights, method == "full", False)
+
+
+def test_cpu_bf16_detection_matches_the_cpu_flags() -> None:
+    """cpu_computes_bf16 says what /proc/cpuinfo says (amx_bf16 or avx512_bf16), where the kernel publishes it."""
+    from pathlib import Path
+
+    from lite_ft.recipe.precision import cpu_computes_bf16
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set(info.read_text().split())
+    assert cpu_computes_bf16() == bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def test_lora_adapters_stay_fp32_over_a_bf16_base(make_doc: Callable[..., dict[str, Any]]) -> None:
@@ -100,3 +122,19 @@ def test_bf16_full_fine_tuning_on_cuda_tracks_fp32(make_doc: Callable[..., dict[
     reference = run_full(recipe(make_doc, "full", "float32", device="cuda"))
     mixed = run_full(recipe(make_doc, "full", "bfloat16", device="cuda"))
     assert float(torch.nn.functional.cosine_similarity(mixed, reference, dim=0)) > MIN_COSINE
+
+
+@pytest.mark.parametrize("task, dtype, frozen", [("qa", "bfloat16", torch.bfloat16), ("qa", "float16", torch.float32),
+                                                 ("classification", "bfloat16", torch.bfloat16)])
+def test_qlora_keeps_unquantized_weights_in_bf16(make_doc: Callable[..., dict[str, Any]], task: str, dtype: str,
+                                                 frozen: torch.dtype) -> None:
+    """peft upcasts a k-bit model's unquantized weights to fp32; lite-ft keeps them in bf16 (the residual stream and
+    output layer then compute in bf16), and in fp32 under fp16; a classification head trains in fp32 either way."""
+    doc = make_doc(task, "qlora", model={"dtype": dtype, "quantization": "4bit"})
+    built = build(load_recipe(document=doc), num_labels=2 if task == "classification" else None)
+    found: dict[str, set[torch.dtype]] = {"frozen": set(), "head": set()}
+    for name, p in built.model.named_parameters():
+        if p.__class__.__name__ != "Params4bit" and "lora_" not in name:
+            found["head" if {"classifier", "score"} & set(name.split(".")) else "frozen"].add(p.dtype)
+    assert found["frozen"] == {frozen}
+    assert found["head"] == (set() if task == "qa" else {torch.float32})

@@ -74,6 +74,36 @@ def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method
     _assert_same(built.model, len(built.tokenizer))
 
 
+def _qlora(make_doc: Callable[..., dict[str, Any]]) -> Any:
+    return _built(make_doc, "qlora", model={"quantization": "4bit"},
+                  lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+
+
+def test_fused_qlora_after_a_forward_without_gradients(make_doc: Callable[..., dict[str, Any]]) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights in place on a forward without gradients (lite-ft's
+    loss check runs one before training, evaluations more); the fused blocks then still compute peft's result
+    (before the fix: loss 22 instead of 2 on SmolLM2). On other CPUs this checks the plain order of events."""
+    built = _qlora(make_doc)
+    batch = _batch(len(built.tokenizer))
+    built.model.eval()
+    with torch.no_grad():
+        built.model(**batch, use_cache=False)
+    _assert_same(built.model, len(built.tokenizer))
+
+
+def test_fused_qlora_refuses_a_repacked_weight(make_doc: Callable[..., dict[str, Any]]) -> None:
+    """A weight repacked anyway (by hand here, with bitsandbytes' own function, on any CPU) stops the step with
+    what to change, instead of training on garbage."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    built = _qlora(make_doc)
+    w = next(m for m in built.model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight  # bnb's, not peft's
+    w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    with pytest.raises(RuntimeError, match="train.fused_lora: false"):
+        _loss_and_grads(built.model, _batch(len(built.tokenizer)))
+
+
 def test_fused_blocks_under_gradient_checkpointing(make_doc: Callable[..., dict[str, Any]]) -> None:
     built = _built(make_doc, lora={"r": 4, "alpha": 8, "dropout": 0.0}, train={"gradient_checkpointing": True})
     assert built.fused_lora.startswith("on:")
