@@ -22,6 +22,7 @@ from lite_ft.recipe.precision import Placement, Precision, place
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
 from lite_ft.training import fused_lora
+from lite_ft.training.fused_ops import keep_standard_layout
 
 
 @dataclass
@@ -80,6 +81,9 @@ def build(recipe: Recipe, placement: Placement | None = None, num_labels: int | 
     path = source_path or resolve_source(recipe.model.source, recipe.model.allow_pickle)
     tokenizer = load_tokenizer(path, recipe)
     model = load_base(path, recipe, device, precision.weights, num_labels, tokenizer.pad_token_id)
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            keep_standard_layout(module)
     fused = "off"
     if recipe.method in ("lora", "qlora"):
         model = attach_lora(model, recipe, precision.weights)

@@ -49,8 +49,9 @@ def check_standard_layout(base: torch.nn.Module) -> None:
 def keep_standard_layout(base: torch.nn.Module) -> None:
     """Keep a Linear4bit's weight in bitsandbytes' standard layout. On CPUs with AVX512-BF16, bitsandbytes 0.49+
     repacks it in place on the first forward without gradients (lite-ft's loss check runs one before training;
-    evaluations do too), and its way back re-quantizes the scales (up to 0.2% off per weight); asking it not to
-    pack costs its packed inference kernel, not correctness."""
+    evaluations do too); its kernel for that layout has no autograd formula (torch warns "an autograd kernel was
+    not registered" when training goes on through it), and its way back re-quantizes the scales (up to 0.2% off
+    per weight). Asking it not to pack costs its packed inference kernel, not correctness."""
     if hasattr(base, "support_avx512bf16_for_cpu"):
         base.support_avx512bf16_for_cpu = False
     check_standard_layout(base)

@@ -21,7 +21,7 @@ from lite_ft.training.step import Objective, Stepper, step_stream
 def main(model_dir: str, out: str, batch_size: int) -> None:
     torch.set_num_threads(1)
     recipe = load_recipe(document={
-        "task": "qa", "method": "lora", "model": {"source": model_dir},
+        "task": "qa", "method": "lora", "model": {"source": model_dir, "dtype": "float32"},  # fp32 on any CPU
         "data": {"train": "builtin:qa-train", "limit_train": 8, "max_length": 512},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "train": {"batch_size": batch_size, "max_steps": 1}})
     dist = distributed.start("cpu")
