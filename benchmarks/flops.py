@@ -1,6 +1,7 @@
 """The two figures model FLOPs utilization needs, measured on this machine, in one process:
 
-- the fp32 matmul peak: best of several timed torch.mm on square fp32 matrices, torch's default thread count;
+- the matmul peak: best of several timed torch.mm on square fp32 matrices, torch's default thread count, and in
+  bf16 too on CPUs that compute it in hardware (AMX / AVX512-BF16; elsewhere it would take minutes);
 - model FLOPs per real token for full fine-tuning and LoRA: torch.utils.flop_counter.FlopCounterMode around one
   forward + backward of lite-ft's own loss (lite_ft.training.loss.batch_loss) on one real example, unpadded (the median-length
   example of lite-ft's first training batch), divided by its tokens. QLoRA does the same model work as LoRA
@@ -28,11 +29,12 @@ from bench_common import (
 )
 
 
-def matmul_peak(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> dict[str, Any]:
-    """fp32 GFLOP/s of torch.mm (2*n^3 FLOPs per product), best of `repeats` after one warm-up, per size."""
+def matmul_peak(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5,
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """GFLOP/s of torch.mm in `dtype` (2*n^3 FLOPs per product), best of `repeats` after one warm-up, per size."""
     by_size = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.mm(a, b)  # warm-up: thread pool start, page faults on the output
         best = float("inf")
         for _ in range(repeats):
@@ -86,14 +88,18 @@ def main() -> None:
     quiet_libraries()
     from lite_ft.recipe.load import load_recipe
 
-    peak = matmul_peak()  # first, before any model is in memory
+    from lite_ft.recipe.precision import cpu_computes_bf16
+
+    peak = {"matmul_peak": matmul_peak()}  # first, before any model is in memory
+    if cpu_computes_bf16():
+        peak["matmul_peak_bf16"] = matmul_peak(dtype=torch.bfloat16)
     if args.peak_only:
-        return emit({"matmul_peak": peak}, args.out)
+        return emit(peak, args.out)
     lora = load_recipe(RECIPE, [*args.override, "method=lora"])
     data = encode_training_data(lora)
     first_batch = sorted((data.examples[i] for i in data.batches[0]), key=lambda e: len(e["input_ids"]))
     example = first_batch[len(first_batch) // 2]
-    result: dict[str, Any] = {"matmul_peak": peak, "step_tokens": step_tokens(data, args.steps),
+    result: dict[str, Any] = {**peak, "step_tokens": step_tokens(data, args.steps),
                               "flops_example": "the median-length example of lite-ft's first training batch, unpadded"}
     del data
     for method in ("lora", "full"):

@@ -27,7 +27,9 @@ from bench_common import REPO, default_data_dir, run_overrides, versions
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
-RUNS = ("lora", "qlora", "full", "trl")
+RUNS = ("lora", "qlora", "full", "lora-bf16", "qlora-bf16", "trl", "trl-autocast", "trl-gc")
+BF16 = ["model.dtype=bfloat16"]  # the -bf16 runs: for CPUs that compute bf16 in hardware (AMX / AVX512-BF16)
+TRL_FLAGS = {"trl": [], "trl-autocast": ["--autocast"], "trl-gc": ["--gradient-checkpointing"]}
 
 
 def log(message: str) -> None:
@@ -76,18 +78,20 @@ def run_flops(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def run_peak(work: Path) -> dict[str, Any]:
-    """The matmul peak measured again after the runs: the higher of the two is used, so a burst of other work
-    during one measurement cannot inflate MFU."""
+    """The matmul peaks measured again after the runs, as matmul_peak_end (fp32) and matmul_peak_bf16_end: the
+    higher of the two measurements is used, so a burst of other work during one cannot inflate MFU."""
     out = work / "matmul-peak-end.json"
     timing = run_child("matmul-peak-end", [sys.executable, str(HERE / "flops.py"), "--peak-only", "--out", str(out)],
                        work)
-    return {**json.loads(out.read_text(encoding="utf-8"))["matmul_peak"], **timing}
+    found = json.loads(out.read_text(encoding="utf-8"))
+    return {f"{key}_end": {**value, **timing} for key, value in found.items()}
 
 
 def run_lite_ft(method: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """`lite-ft run` in its own process; its metrics.json, train_log.jsonl and memory.json."""
     run_dir = work / f"lite-ft-{method}"
-    overrides = run_overrides(method, args.steps, args.data_dir, args.eval_examples, run_dir)
+    base, _, dtype = method.partition("-")
+    overrides = run_overrides(base, args.steps, args.data_dir, args.eval_examples, run_dir) + (BF16 if dtype else [])
     argv = [sys.executable, "-m", "lite_ft", "run", str(REPO / "recipes" / "squad-lora.yaml"), *overrides,
             "--overwrite"]
     timing = run_child(f"lite-ft-{method}", argv, work)
@@ -99,12 +103,13 @@ def run_lite_ft(method: str, args: argparse.Namespace, work: Path) -> dict[str, 
     return {"metrics": metrics, "log": train_log, "memory": memory, "command": shlex.join(argv[1:]), **timing}
 
 
-def run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    out = work / "trl-lora.json"
+def run_trl(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    key = "trl-lora" if name == "trl" else name
+    out = work / f"{key}.json"
     overrides = run_overrides("lora", args.steps, args.data_dir, args.eval_examples, work / "unused")
-    argv = [sys.executable, str(HERE / "trl_reference.py"), "--out", str(out),
+    argv = [sys.executable, str(HERE / "trl_reference.py"), "--out", str(out), *TRL_FLAGS[name],
             *(f"--override={o}" for o in overrides)]
-    timing = run_child("trl-lora", argv, work)
+    timing = run_child(key, argv, work)
     return {**json.loads(out.read_text(encoding="utf-8")), **timing}
 
 
@@ -120,10 +125,12 @@ def describe_machine(raw: dict[str, Any]) -> dict[str, Any]:
         cpu = names[0] if names else cpu
     start = {**raw["flops"]["matmul_peak"], "foreign_cores": raw["flops"]["foreign_cores"]}
     measured = [("start", start), ("end", raw["matmul_peak_end"])]
+    bf16 = [m["gflops"] for m in (raw["flops"].get("matmul_peak_bf16"), raw.get("matmul_peak_bf16_end")) if m]
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": start["threads"],
             "ram_gib": psutil.virtual_memory().total / 2**30, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions(),
             "matmul_peak_gflops": max(m["gflops"] for _, m in measured),
+            "matmul_peak_bf16_gflops": max(bf16) if bf16 else None,
             "matmul_measurements": {when: {k: m[k] for k in ("gflops_by_size", "foreign_cores")}
                                     for when, m in measured},
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -140,8 +147,13 @@ def parse_args() -> argparse.Namespace:
                         help="folder with squad_train.jsonl and squad_validation.jsonl")
     parser.add_argument("--eval-examples", type=int, default=25,
                         help="SQuAD validation questions each lite-ft run answers by generation (one eval batch)")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--runs", default=None, help=f"comma-separated subset of {','.join(RUNS)} (default: all; "
+                        "the -bf16 ones only on CPUs that compute bf16 in hardware)")
     args = parser.parse_args()
+    if args.runs is None:
+        from lite_ft.recipe.precision import cpu_computes_bf16
+
+        args.runs = ",".join(r for r in RUNS if cpu_computes_bf16() or not r.endswith("-bf16"))
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(args.runs) - set(RUNS))
     if unknown or args.steps < 2:
@@ -164,13 +176,14 @@ def main() -> None:
     raw: dict[str, Any] = {"flops": run_flops(args, args.work)}
     log(f"  peak {raw['flops']['matmul_peak']['gflops']:.1f} GFLOP/s ({raw['flops']['wall_s']:.0f} s)")
     for name in args.runs:
-        key = "trl-lora" if name == "trl" else f"lite-ft-{name}"
+        trl = name in TRL_FLAGS
+        key = ("trl-lora" if name == "trl" else name) if trl else f"lite-ft-{name}"
         log(f"{key}: {args.steps} steps ...")
-        raw[key] = run_trl(args, args.work) if name == "trl" else run_lite_ft(name, args, args.work)
+        raw[key] = run_trl(name, args, args.work) if trl else run_lite_ft(name, args, args.work)
         foreign = raw[key]["foreign_cores"]
         note = f", other processes used {foreign:.2f} cores meanwhile" if foreign > 0.1 else ""
         log(f"  done in {raw[key]['wall_s']:.0f} s{note}")
-    raw["matmul_peak_end"] = run_peak(args.work)
+    raw.update(run_peak(args.work))
     log(f"matmul peak again: {raw['matmul_peak_end']['gflops']:.1f} GFLOP/s")
     command = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
     results = {"command": command, "steps": args.steps, "total_seconds": time.perf_counter() - started,

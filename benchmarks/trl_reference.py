@@ -82,23 +82,26 @@ def ordered_dataset(data: Encoded, steps: int, batch_size: int) -> Any:
     })
 
 
-def sft_config(recipe: Any, steps: int, output_dir: str) -> Any:
-    """SFTConfig from the lite-ft recipe: one micro-batch per step, fp32 on the CPU, no checkpointing or saving."""
+def sft_config(recipe: Any, steps: int, output_dir: str, autocast: bool = False,
+               checkpointing: bool = False) -> Any:
+    """SFTConfig from the lite-ft recipe: one micro-batch per step, no saving; weights in the dtype lite-ft picks for
+    this CPU, no checkpointing. `autocast`: fp32 weights under bf16 autocast (bf16=True), as the transformers docs
+    advise for training on CPUs with AMX; `checkpointing`: TRL's default gradient checkpointing."""
     import torch
     from trl import SFTConfig
 
     from lite_ft.recipe.precision import pick_dtype
 
     cfg = recipe.train
-    dtype = str(pick_dtype(recipe.model.dtype, torch.device("cpu"))).replace("torch.", "")
+    dtype = "float32" if autocast else str(pick_dtype(recipe.model.dtype, torch.device("cpu"))).replace("torch.", "")
     return SFTConfig(
         output_dir=output_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
         max_length=recipe.data.max_length, max_steps=steps, learning_rate=cfg.lr, lr_scheduler_type=cfg.scheduler,
         warmup_steps=int(cfg.warmup_ratio * steps),  # lite-ft's rounding; TRL would ceil a ratio
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0, seed=cfg.seed, data_seed=cfg.seed,
         completion_only_loss=True, packing=False, padding_free=False, shuffle_dataset=False,
-        train_sampling_strategy="sequential", model_init_kwargs={"dtype": dtype}, use_cpu=True, bf16=False,
-        fp16=False, gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
+        train_sampling_strategy="sequential", model_init_kwargs={"dtype": dtype}, use_cpu=True, bf16=autocast,
+        fp16=False, gradient_checkpointing=checkpointing, logging_steps=1, report_to="none", save_strategy="no",
         eval_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
 
 
@@ -133,7 +136,7 @@ def check_recipe(recipe: Any) -> None:
         raise SystemExit("trl_reference: " + "; ".join(problems))
 
 
-def train_reference(recipe: Any, rss: PeakRss, output_dir: str) -> dict[str, Any]:
+def train_reference(recipe: Any, rss: PeakRss, output_dir: str, **variant: bool) -> dict[str, Any]:
     """Build the TRL trainer on lite-ft's data, check it sees lite-ft's batches, train, return the figures."""
     from trl import SFTTrainer
 
@@ -147,7 +150,7 @@ def train_reference(recipe: Any, rss: PeakRss, output_dir: str) -> dict[str, Any
     dataset = ordered_dataset(data, steps, recipe.train.batch_size)
     data.examples.clear()  # TRL holds its own copy now; lite-ft's run keeps one copy too
     clock = StepClock()
-    trainer = SFTTrainer(model=data.model_path, args=sft_config(recipe, steps, output_dir), train_dataset=dataset,
+    trainer = SFTTrainer(model=data.model_path, args=sft_config(recipe, steps, output_dir, **variant), train_dataset=dataset,
                          processing_class=data.tokenizer, peft_config=lora_config(recipe), callbacks=[clock])
     identical = same_batches(trainer, expected)
     fingerprint = adapter_fingerprint(trainer.model)
@@ -166,7 +169,8 @@ def train_reference(recipe: Any, rss: PeakRss, output_dir: str) -> dict[str, Any
                        "batch_size": trainer.args.per_device_train_batch_size,
                        "max_length": trainer.args.max_length, "sampler": trainer.args.train_sampling_strategy,
                        "completion_only_loss": trainer.args.completion_only_loss,
-                       "gradient_checkpointing": trainer.args.gradient_checkpointing}}
+                       "gradient_checkpointing": trainer.args.gradient_checkpointing,
+                       "bf16_autocast": trainer.args.bf16, "weights_dtype": str(trainer.model.dtype)}}
 
 
 def main() -> None:
@@ -174,6 +178,8 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(RECIPE), help="lite-ft recipe the reference copies")
     parser.add_argument("--override", action="append", default=[], help="recipe override (section.key=value)")
     parser.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+    parser.add_argument("--autocast", action="store_true", help="fp32 weights under bf16 autocast (bf16=True)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default checkpointing")
     args = parser.parse_args()
     rss = PeakRss().start()
     quiet_libraries()
@@ -182,7 +188,8 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.override)
     check_recipe(recipe)
     with tempfile.TemporaryDirectory(prefix="trl-reference-") as output_dir:
-        result = train_reference(recipe, rss, output_dir)
+        result = train_reference(recipe, rss, output_dir, autocast=args.autocast,
+                                 checkpointing=args.gradient_checkpointing)
     result.update(rss.stop())
     result["versions"] = versions()
     emit(result, args.out)

@@ -134,7 +134,7 @@ def recipe_doc(task: str, method: str, folder: Path, llama_dir: Path, bert_dir: 
     """
     doc: dict[str, Any] = {
         "task": task, "method": method,
-        # fp32 pinned: the tests compare against fp32 references, on any CPU (auto would pick bf16 on AMX ones)
+        # fp32 pinned, not left to auto: the tests compare against fp32 references on any machine
         "model": {"source": str(llama_dir), "dtype": "float32"},
         "data": {"train": "builtin:qa-train", "eval": "builtin:qa-eval", "limit_train": 8, "limit_eval": 4,
                  "max_length": 512},

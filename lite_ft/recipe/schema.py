@@ -27,8 +27,8 @@ class ModelConfig:
     quantization: Quantization | None = setting(None, result=True)
     """Base weights: none, 8bit or 4bit (NF4 + double quant). Unset: 4bit for qlora, none otherwise."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", result=True)
-    """Compute dtype. auto: bf16 on GPUs that support it and on CPUs with AMX or AVX512-BF16 (1.6x the tokens/s of
-    fp32 there), fp32 on other CPUs (bf16 is ~400x slower without them). The choice is in metrics.json.
+    """Compute dtype. auto: bf16 on GPUs that support it, fp32 on CPUs. bfloat16 on a CPU with AMX or AVX512-BF16
+    trains ~1.5x faster than fp32 (README, "Precision"); on other CPUs it is ~400x slower, and lite-ft says so.
     Full fine-tuning keeps fp32 master weights under 16-bit compute; float16 trains with a gradient scaler."""
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting("auto", result=False)
     """Attention kernel. auto: PyTorch's fused SDPA where the model supports it (on these CPUs about 7x faster and
