@@ -73,7 +73,10 @@ def main() -> None:
         heap = excess / transient
         family = predictor.family(recipe)
         rate = plan["matmul"]["gflops"] * 1e9
-        efficiency = plan["flops_per_step"] / rate / measured["seconds_per_step"]
+        # per real token, over the timed steps' tokens (step 1, left out as warm-up, may be the longest)
+        tokens_per_step = plan["tokens_per_second"] * plan["seconds_per_step"]  # the plan's mean step
+        timed = measured.get("tokens_per_step", tokens_per_step)
+        efficiency = plan["flops_per_step"] * timed / tokens_per_step / rate / measured["seconds_per_step"]
         if recipe.train.release_memory:
             efficiency /= RELEASE_SPEED  # release_memory's own slowdown is a separate constant
         rows[name] = {"allocator": plan["allocator"], "family": family,

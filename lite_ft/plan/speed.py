@@ -16,7 +16,9 @@ from lite_ft.sources.catalog import cache_dir
 # Share of the torch.mm rate that a training step reaches on the CPU, per method: measured on SmolLM2-135M
 # (benchmarks/results/plan-cpu/calibration.md, by benchmarks/plan_calibrate.py). QLoRA and 8-bit dequantize their weights in every forward and
 # backward (work the FLOP count does not see); gradient checkpointing's recomputation is in the FLOP count.
-EFFICIENCY = {"full": 0.62, "lora": 0.48, "qlora": 0.52, "lora-8bit": 0.57}
+EFFICIENCY = {"full": 0.67, "lora": 0.24, "qlora": 0.55, "lora-8bit": 0.69}  # fitted 2026-12-02 on a 2-core Xeon
+# with AMX (fp32 matmul ~430 GFLOP/s at the model's shape); on a 2-core AVX2 machine the same fit gave 0.62 / 0.48
+# / 0.52 / 0.57: the share depends on the CPU, so seconds per step are this machine's figure, not a law
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
