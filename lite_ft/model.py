@@ -81,7 +81,7 @@ def build(recipe: Recipe, placement: Placement | None = None, num_labels: int | 
     path = source_path or resolve_source(recipe.model.source, recipe.model.allow_pickle)
     tokenizer = load_tokenizer(path, recipe)
     model = load_base(path, recipe, device, precision.weights, num_labels, tokenizer.pad_token_id)
-    for module in model.modules():
+    for module in model.modules():  # bitsandbytes' own 4-bit layers (peft wraps them later)
         if type(module).__name__ == "Linear4bit":
             keep_standard_layout(module)
     fused = "off"

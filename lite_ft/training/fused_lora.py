@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lite_ft.training.fused_ops import AttentionInput, AttentionShape, Mlp, Projection, keep_standard_layout
+from lite_ft.training.fused_ops import AttentionInput, AttentionShape, Mlp, Projection
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer",)  # SmolLM2 and the tiny test models; others keep peft's path
 BASES = ("Linear", "Linear4bit", "Linear8bitLt")
@@ -165,9 +165,6 @@ def install(model: torch.nn.Module) -> FusedReport:
         if isinstance(parts, str):
             report.notes.append(f"{kind}: {parts}; peft's path")
             continue
-        for proj in (*parts[0], *parts[1]):
-            if type(proj.base).__name__ == "Linear4bit":
-                keep_standard_layout(proj.base)
         layer.forward = types.MethodType(_fused_or_original, layer)  # deepcopy rebinds it to the copy
         layer._lite_ft_fused = True
         report.fused_layers += 1
