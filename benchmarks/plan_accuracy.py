@@ -134,11 +134,12 @@ def combined(record: dict[str, Any]) -> dict[str, Any]:
         p, m = record["predicted"].get(name), record["measured"].get(name)
         if not p or not m:
             continue
+        predicted_sps = timed_steps_seconds(p, m)
         out[name] = {"name": name, "overrides": overrides, "predicted": p, "measured": m,
                      "repeats_max_rss_mib": record.get("repeats", {}).get(name),
                      "peak_error_pct": 100 * (p["peak_mib"] - m["max_rss_mib"]) / m["max_rss_mib"],
-                     "predicted_s_per_step": timed_steps_seconds(p, m),
-                     "speed_error_pct": 100 * (timed_steps_seconds(p, m) - m["seconds_per_step"]) / m["seconds_per_step"]}
+                     "predicted_s_per_step": predicted_sps,
+                     "speed_error_pct": 100 * (predicted_sps - m["seconds_per_step"]) / m["seconds_per_step"]}
     return out
 
 

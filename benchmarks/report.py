@@ -90,8 +90,6 @@ def matmul_peaks(raw: dict[str, Any]) -> dict[str, float]:
     peaks = {}
     for dtype, key in (("float32", "matmul_peak"), ("bfloat16", "matmul_peak_bf16")):
         found = [m["gflops"] for m in (raw["flops"].get(key), raw.get(key + "_end")) if m]
-        if dtype == "float32":
-            found += [raw.get("matmul_peak_end", {}).get("gflops", 0.0)]
         if found:
             peaks[dtype] = max(found)
     return peaks
@@ -163,27 +161,27 @@ def lora_criteria(label: str, lora: dict[str, Any], rows: dict[str, dict[str, An
     """The targets against TRL for one lite-ft LoRA row."""
     lines: list[str] = []
     no_gc = [rows[n] for n in ("trl-lora", "trl-autocast") if n in rows]
-    if lora and no_gc:  # against the fastest TRL without checkpointing, and the smallest one
+    if no_gc:  # against the fastest TRL without checkpointing, and the smallest one
         fastest, smallest = max(t["tok_s_steady"] for t in no_gc), min(t["peak_mib"] for t in no_gc)
         lines.append(f"- {label} real tokens/s vs the fastest TRL without gradient checkpointing: "
                      f"{lora['tok_s_steady'] / fastest:.2f}x (target >= 2.5x): "
                      f"{verdict(lora['tok_s_steady'] / fastest >= 2.5)}")
         lines.append(f"- {label} peak RSS vs the smallest TRL without gradient checkpointing: "
                      f"{lora['peak_mib'] / smallest:.2f}x (target <= 0.6x): {verdict(lora['peak_mib'] / smallest <= 0.6)}")
-    if lora and "trl-gc" in rows:
+    if "trl-gc" in rows:
         gc = rows["trl-gc"]
         lines.append(f"- {label} vs TRL with gradient checkpointing (its default): "
                      f"{lora['tok_s_steady'] / gc['tok_s_steady']:.2f}x the tokens/s at "
                      f"{lora['peak_mib'] / gc['peak_mib']:.2f}x the peak RSS (target: below it): "
                      f"{verdict(lora['peak_mib'] < gc['peak_mib'])}")
-    if lora and lora.get("mfu_pct") is not None:
+    if lora.get("mfu_pct") is not None:
         lines.append(f"- {label} MFU ({lora['compute']} peak): {lora['mfu_pct']:.1f}% (target >= 60%): "
                      f"{verdict(lora['mfu_pct'] >= 60)}")
     return lines
 
 
 def criteria(summary: dict[str, Any]) -> list[str]:
-    """The targets of issue #6, each with the measured value and whether it is met."""
+    """The targets of issue #16, each with the measured value and whether it is met."""
     rows, lines = summary["rows"], []
 
     def verdict(ok: bool | None) -> str:

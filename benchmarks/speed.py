@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import REPO, default_data_dir, run_overrides, versions
-from report import write_report
+from report import matmul_peaks, write_report
 
 HERE = Path(__file__).resolve().parent
 RUNS = ("lora", "qlora", "full", "lora-bf16", "qlora-bf16", "trl", "trl-autocast", "trl-gc")
@@ -125,12 +125,11 @@ def describe_machine(raw: dict[str, Any]) -> dict[str, Any]:
         cpu = names[0] if names else cpu
     start = {**raw["flops"]["matmul_peak"], "foreign_cores": raw["flops"]["foreign_cores"]}
     measured = [("start", start), ("end", raw["matmul_peak_end"])]
-    bf16 = [m["gflops"] for m in (raw["flops"].get("matmul_peak_bf16"), raw.get("matmul_peak_bf16_end")) if m]
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": start["threads"],
             "ram_gib": psutil.virtual_memory().total / 2**30, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions(),
             "matmul_peak_gflops": max(m["gflops"] for _, m in measured),
-            "matmul_peak_bf16_gflops": max(bf16) if bf16 else None,
+            "matmul_peak_bf16_gflops": matmul_peaks(raw).get("bfloat16"),
             "matmul_measurements": {when: {k: m[k] for k in ("gflops_by_size", "foreign_cores")}
                                     for when, m in measured},
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import train_steps
-from lite_ft.model import build
+from lite_ft.model import HEADS, build
 from lite_ft.recipe.load import load_recipe
 from lite_ft.recipe.precision import Precision, precision_for
 from lite_ft.training.loop import set_seed
@@ -145,6 +145,6 @@ def test_qlora_keeps_unquantized_weights_in_bf16(make_doc: Callable[..., dict[st
     found: dict[str, set[torch.dtype]] = {"frozen": set(), "head": set()}
     for name, p in built.model.named_parameters():
         if p.__class__.__name__ != "Params4bit" and "lora_" not in name:
-            found["head" if {"classifier", "score"} & set(name.split(".")) else "frozen"].add(p.dtype)
+            found["head" if set(HEADS) & set(name.split(".")) else "frozen"].add(p.dtype)
     assert found["frozen"] == {frozen}
     assert found["head"] == (set() if task == "qa" else {torch.float32})
