@@ -69,6 +69,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, allow_dat
             metrics["train"]["memory_plan"] = memory_plan
         metrics["wall_seconds_total"] = time.perf_counter() - started
         job.write_json("metrics.json", metrics)
+    dist.close()
     return metrics
 
 

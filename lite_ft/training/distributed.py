@@ -24,6 +24,7 @@ from lite_ft.training import sharding
 # How long a rank waits in a collective for the others before it fails: a rank that died (SIGKILL, out of memory)
 # must not leave the rest hanging forever. Longer than any single step or evaluation batch should take.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+_closed_backend = ""  # the backend of a process group this process joined and left (Dist.close)
 
 
 def launched_world() -> int:
@@ -127,6 +128,17 @@ class Dist:
             raise LiteFTError(f"rank {self.rank}: lost contact with another rank ({first}); that rank's own "
                               "message says why") from None
 
+    def close(self) -> None:
+        """Leave the process group once every rank has finished (a no-op on one process). Without it gloo's
+        worker threads outlive the interpreter's shutdown and a rank of a run that succeeded can abort at exit
+        (SIGABRT, "terminate called without an active exception"), failing the whole launch. Only after success:
+        after a failure the other ranks may never reach the barrier."""
+        global _closed_backend
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            _closed_backend = torch.distributed.get_backend()
+            self.accelerator.end_training()
+
     def describe(self) -> dict[str, Any]:
         backend = torch.distributed.get_backend() if self.world > 1 else None
         return {"world_size": self.world, "rank": self.rank, "backend": backend}
@@ -142,6 +154,10 @@ def start(device_choice: str = "auto", fsdp: bool = False) -> Dist:
                               "several (lite-ft run --nproc N, torchrun or accelerate launch) or set train.fsdp false")
         return Dist()
     cpu = device_choice == "cpu" or not torch.cuda.is_available()  # accelerate uses gloo only when told: CPU
+    if _closed_backend and not torch.distributed.is_initialized():
+        # A second run in this process (Python API) after close(): accelerate keeps its state from the first and
+        # would not join again, so join the same way it did.
+        torch.distributed.init_process_group(_closed_backend, timeout=COLLECTIVE_TIMEOUT)
     accelerator = Accelerator(cpu=cpu, mixed_precision="no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     if accelerator.num_processes != launched_world():  # never train N independent copies by mistake

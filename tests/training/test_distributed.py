@@ -124,6 +124,16 @@ def test_the_all_reduced_gradient_is_the_single_process_gradient(tiny_llama_dir:
         assert relative(g2, g1) < 1e-5
 
 
+def test_a_process_leaves_the_group_after_a_run_and_can_join_again(tmp_path: Path) -> None:
+    """Every rank leaves the process group once it is done (a gloo rank that exits inside it can abort with
+    SIGABRT after a run that succeeded), and a second run in the same process joins again."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_port()), str(DDP / "rejoin_worker.py"), str(tmp_path / "seen.json")], env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "seen.json").read_text()) == [{"world": 2, "sum": 3.0, "left": True}] * 2
+
+
 def rank_pids(launcher: subprocess.Popen, n: int) -> list[int]:
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -43,6 +43,7 @@ def main(model_dir: str, out: str, batch_size: int) -> None:
     stepper.step(step, StepPhases(MemoryMonitor(placement.device), first=False))
     if dist.is_main:
         torch.save([b - p.detach() for b, p in zip(before, params)], out)  # SGD, lr 1: the gradient
+    dist.close()
 
 
 if __name__ == "__main__":
