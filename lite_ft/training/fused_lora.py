@@ -13,6 +13,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -88,7 +89,7 @@ def _lora_weights(projs: tuple[Projection, ...]) -> list[torch.Tensor]:
     return [w for p in projs for w in (p.lora_a, p.lora_b)]
 
 
-def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor], parts: tuple, kwargs: dict[str, Any]
                   ) -> torch.Tensor:
     """One decoder layer through the fused blocks: the attention kernel and o_proj are the model's own."""
@@ -137,7 +138,13 @@ def _fused_or_original(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # position_ids, use_cache and the rest go on to the attention kernel, as the model's attention passes them
     rest = {k: v for k, v in kwargs.items()
             if k not in ("hidden_states", "attention_mask", "cache", "past_key_values", "position_embeddings")}
-    return fused_forward(self, hidden, kwargs.get("attention_mask"), position_embeddings, parts, rest)
+    block = partial(fused_forward, self, attention_mask=kwargs.get("attention_mask"),
+                    position_embeddings=position_embeddings, parts=parts, kwargs=rest)
+    if getattr(self, "gradient_checkpointing", False):
+        # transformers checkpoints the class's forward, which this instance forward replaces: checkpoint the fused
+        # blocks the same way (keep the layer input, recompute the rest in backward), or the setting does nothing
+        return self._gradient_checkpointing_func(block, hidden)
+    return block(hidden)
 
 
 def set_enabled(model: torch.nn.Module, on: bool) -> int:
