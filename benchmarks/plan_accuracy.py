@@ -108,6 +108,7 @@ def predicted_figures(name: str) -> dict[str, Any]:
     return {"peak_mib": p["peak_mib"], "parts": p["parts"], "seconds_per_step": p["seconds_per_step"],
             "tokens_per_second": p["tokens_per_second"],
             "longest_micro_batch": p["longest_micro_batch"], "allocator": p["allocator"], "matmul": p["matmul"],
+            "step_time": p["step_time"],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -191,8 +192,11 @@ def main() -> None:
             record = load(path)
             record["repeats"].setdefault(name, [record["measured"][name]["max_rss_mib"]]).append(
                 figures["max_rss_mib"])
+            record.setdefault("repeats_s_per_step", {}).setdefault(
+                name, [record["measured"][name]["seconds_per_step"]]).append(figures["seconds_per_step"])
             save(path, record)
-            print(f"{name}: repeat {figures['max_rss_mib']:.0f} MiB", flush=True)
+            print(f"{name}: repeat {figures['max_rss_mib']:.0f} MiB, {figures['seconds_per_step']:.2f} s/step",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ loss and backward (the output layer's logits, the backward's temporaries).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from lite_ft.plan.op_times import OpTrace
 from lite_ft.plan.parts import MIB, MetaModel
 from lite_ft.plan.tracker import LiveBytes, cpu_attention_kernel
 from lite_ft.training.loss import decoder_and_head
@@ -35,6 +35,7 @@ class Transient:
     peak_mib: float  # the most at once over forward, loss and backward
     flops: float  # forward + backward (recomputation included)
     small_peak_mib: float = 0.0  # of the peak, in tensors under the allocator's mmap threshold (glibc's heap)
+    ops: OpTrace | None = field(default=None, compare=False, repr=False)  # what ran, for timing (op_times)
 
     @property
     def workspace_mib(self) -> float:
@@ -53,13 +54,13 @@ def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta", t
             p.grad = torch.zeros_like(p)
     known = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
     tracker = LiveBytes(known=known, threshold=threshold)
-    counter = FlopCounterMode(display=False)
-    with cpu_attention_kernel(), counter, tracker:
+    ops = OpTrace()
+    with cpu_attention_kernel(), tracker, ops:
         loss = _loss(model, shape, causal, device, tracker)
         loss.backward()
         del loss
     return Transient(activations_mib=tracker.marks.get("forward", 0) / MIB, peak_mib=tracker.peak / MIB,
-                     flops=float(counter.get_total_flops()), small_peak_mib=tracker.small_at_peak / MIB)
+                     flops=ops.flops(), small_peak_mib=tracker.small_at_peak / MIB, ops=ops)
 
 
 def _loss(model: torch.nn.Module, shape: Shape, causal: bool, device: str, tracker: LiveBytes

@@ -15,7 +15,7 @@ from typing import Any
 from lite_ft.errors import RecipeError
 from lite_ft.plan.predict import Context, predict, prepare
 from lite_ft.plan.report import parse_size
-from lite_ft.plan.speed import EFFICIENCY, RELEASE_SPEED, method_name
+from lite_ft.plan.speed import RELEASE_SPEED
 from lite_ft.recipe.load import load_recipe
 from lite_ft.recipe.schema import Recipe
 
@@ -83,11 +83,12 @@ def closeness(recipe: Recipe, changed: Recipe) -> int:
 
 
 def relative_time(plan: dict[str, Any], recipe: Recipe) -> float:
-    """Seconds per step where predicted, else FLOPs per step over the method's efficiency (the same ordering)."""
+    """Seconds per step where predicted, else FLOPs per step (candidates are compared within one method: closeness
+    ranks the methods first)."""
     if plan["seconds_per_step"] is not None:
         return plan["seconds_per_step"]
     slow = 1 / RELEASE_SPEED if recipe.train.release_memory else 1.0
-    return plan["flops_per_step"] / EFFICIENCY[method_name(recipe.method, recipe.model.quantization)] * slow
+    return plan["flops_per_step"] * slow
 
 
 def fit(recipe: Recipe, budget_mib: float, device: str = "cpu", allow_method_change: bool = False,

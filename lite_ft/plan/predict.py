@@ -36,7 +36,8 @@ from lite_ft.plan.parts import (
     parameter_counts,
     static_parts,
 )
-from lite_ft.plan.speed import matmul_gflops, method_name, model_shape, seconds_per_step
+from lite_ft.plan.op_times import OpTimes, optimizer_seconds
+from lite_ft.plan.speed import machine_key, matmul_gflops, method_name, model_shape, seconds_per_step
 from lite_ft.recipe.precision import precision_for
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
@@ -53,10 +54,11 @@ from lite_ft.sources.resolve import resolve_source
 # so the factors are measured, not simulated. "quantized": QLoRA and LoRA over an 8-bit base (bitsandbytes'
 # dequantized weights pass through the heap in every layer).
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
-        ("mmap 4 MiB", "full"): 0.47, ("mmap 4 MiB", "adapters"): 1.39, ("mmap 4 MiB", "quantized"): 1.0,
+        ("mmap 4 MiB", "full"): 0.53, ("mmap 4 MiB", "adapters"): 1.30, ("mmap 4 MiB", "quantized"): 1.0,
         ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.0, ("mmap 1 MiB", "quantized"): 1.0}
-OVERHEAD = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 10.0, ("mmap 4 MiB", "adapters"): 21.0,
-            ("mmap 4 MiB", "quantized"): 868.0, ("mmap 1 MiB", "adapters"): 91.0}
+# mmap rows fitted 2026-12-06 on a 2-core AMD EPYC (Zen 4); glibc rows from the earlier machine (see above)
+OVERHEAD = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 219.0, ("mmap 4 MiB", "adapters"): 209.0,
+            ("mmap 4 MiB", "quantized"): 850.0, ("mmap 1 MiB", "adapters"): 118.0}
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -169,12 +171,12 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     evaluation = _evaluation(ctx, recipe, replay_dtype, device, parts)
     training_peak, peak = peak, max(peak, evaluation["peak_mib"] if evaluation else 0.0)
     flops_step = scale_flops(transient.flops, shape, batches.padded_tokens) / batches.steps
-    sps = tps = wall = None
-    rate = None
+    sps = tps = wall = rate = timing = None
     if device == "cpu" and speed:
-        rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))
-        sps = seconds_per_step(flops_step, rate["gflops"], method_name(recipe.method, recipe.model.quantization),
-                               recipe.train.release_memory)
+        rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
+        timing = _step_time(static, transient, shape, batches, recipe)
+        sps = seconds_per_step(timing["compute_seconds"], timing["optimizer_seconds"],
+                               method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory)
         tps = batches.real_tokens / batches.steps / sps
         wall = sps * batches.steps
     available = gpu_memory_mib if device == "cuda" and gpu_memory_mib else _available_mib(device)
@@ -184,12 +186,29 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
             "wall_seconds_training": wall, "fits": None if available is None else peak <= available,
             "available_mib": available, "steps": batches.steps,
             "longest_micro_batch": {**dataclasses.asdict(shape), "first_at_step": batches.worst_step},
-            "flops_per_step": flops_step, "matmul": rate, "trainable_params": trainable, "total_params": total,
+            "flops_per_step": flops_step, "matmul": rate, "step_time": timing, "trainable_params": trainable,
+            "total_params": total,
             "dtypes": {"compute": str(compute).replace("torch.", ""), "weights": str(weights).replace("torch.", ""),
                        "autocast": autocast},
             "allocator": kind if device == "cpu" else "cuda caching allocator (reserve assumed)",
             "heap_mib": in_heap,
             "notes": list(ctx.notes)}
+
+
+def _step_time(static: MetaModel, transient: Transient, shape: Shape, batches: Batches, recipe: Recipe
+               ) -> dict[str, Any]:
+    """Seconds of a mean step's ops, timed on this machine (op_times): the longest micro-batch's ops scaled to the
+    run's mean padded tokens per step (linear in tokens, as the FLOPs), and the optimizer step."""
+    table = OpTimes(machine_key())
+    allocator.configure(release_memory=False)  # ops timed under the allocator a run has: large outputs are fresh
+    # mappings whose first touch faults pages in, as in the run (train.release_memory's extra cost: RELEASE_SPEED)
+    micro, untimed = table.seconds(transient.ops)
+    shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
+    opt = optimizer_seconds(shapes, recipe.train.optimizer, table)
+    table.save()
+    compute = micro * batches.padded_tokens / batches.steps / max(shape.rows * shape.width, 1)
+    return {"compute_seconds": compute, "optimizer_seconds": opt, "untimed_ops": untimed,
+            "ops_measured_now": table.measured}
 
 
 def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:

@@ -36,9 +36,10 @@ def describe(plan: dict[str, Any]) -> str:
     if plan["seconds_per_step"] is not None:
         lines.append(f"speed: {plan['seconds_per_step']:.2f} s/step, {plan['tokens_per_second']:.0f} tokens/s, "
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
-                     f"(fp32 matmul {plan['matmul']['gflops']:.0f} GFLOP/s on this machine)")
+                     f"(the step's ops timed on this machine: {plan['step_time']['compute_seconds']:.2f} s compute, "
+                     f"{plan['step_time']['optimizer_seconds']:.2f} s optimizer, before the measured overhead)")
     else:
-        why = "no matmul rate for a device that is not here" if plan["device"] == "cuda" else "not asked"
+        why = "no op timings for a device that is not here" if plan["device"] == "cuda" else "not asked"
         lines.append(f"speed: not predicted ({why})")
     if plan["fits"] is not None:
         verdict = "fits" if plan["fits"] else "does NOT fit"

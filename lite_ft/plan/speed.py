@@ -1,6 +1,7 @@
-"""Seconds per step from FLOPs: the model's FLOPs per step (counted in the meta replay) over this machine's fp32
-matmul rate, measured once and cached under ~/.cache/lite-ft/plan/, times the share of that rate a training step
-reaches (calibrated, see EFFICIENCY).
+"""Seconds per step on this CPU: the replay's ops timed on this machine (lite_ft.plan.op_times) for the longest
+micro-batch, scaled to each step's tokens, plus the optimizer step, times a measured factor for what isolated op
+timings miss (STEP_OVERHEAD). The fp32 matmul rate at the model's shape, measured once and cached under
+~/.cache/lite-ft/plan/, is what MFU figures are given against.
 """
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ import torch
 
 from lite_ft.sources.catalog import cache_dir
 
-# Share of the torch.mm rate that a training step reaches on the CPU, per method: measured on SmolLM2-135M
-# (benchmarks/results/plan-cpu/calibration.md, by benchmarks/plan_calibrate.py). QLoRA and 8-bit dequantize their weights in every forward and
-# backward (work the FLOP count does not see); gradient checkpointing's recomputation is in the FLOP count.
-EFFICIENCY = {"full": 0.67, "lora": 0.24, "qlora": 0.55, "lora-8bit": 0.69}  # fitted 2026-12-02 on a 2-core Xeon
-# with AMX (fp32 matmul ~430 GFLOP/s at the model's shape); on a 2-core AVX2 machine the same fit gave 0.62 / 0.48
-# / 0.52 / 0.57: the share depends on the CPU, so seconds per step are this machine's figure, not a law
+# A training step's measured seconds over the sum of its ops' isolated timings (lite_ft.plan.op_times), per method:
+# page faults of fresh mappings, caches shared between ops, the autograd engine and Python between ops.
+# Fitted by benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration.md).
+STEP_OVERHEAD = {"full": 0.72, "lora": 1.13, "qlora": 0.79, "lora-8bit": 0.64}  # fitted 2026-12-06, 2-core AMD EPYC
+# (Zen 4); under 1 where a real step ran faster than its ops timed one by one (why was not isolated)
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
 
-def _key() -> str:
+def machine_key() -> str:
+    """This machine, its thread count and torch version: what measured rates and op times are cached by."""
     return f"{platform.node()}|{platform.processor() or platform.machine()}|{torch.get_num_threads()}|{torch.__version__}"
 
 
@@ -33,7 +34,7 @@ def matmul_gflops(m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 3)
     version and shape: small models run small matmuls, which reach a smaller share of the machine's peak."""
     path = cache_dir() / "plan" / "matmul.json"
     cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    key = f"{_key()}|{m}x{k}x{n}"
+    key = f"{machine_key()}|{m}x{k}x{n}"
     if key in cached:
         return {**cached[key], "cached": str(path)}
     a, b = torch.randn(m, k), torch.randn(k, n)
@@ -62,7 +63,7 @@ def method_name(method: str, quantization: str | None) -> str:
     return "lora-8bit" if method == "lora" and quantization == "8bit" else method
 
 
-def seconds_per_step(flops_per_step: float, gflops: float, method: str, release_memory: bool) -> float:
-    """Predicted seconds of one optimizer step on this CPU."""
-    seconds = flops_per_step / (gflops * 1e9 * EFFICIENCY[method])
+def seconds_per_step(compute_seconds: float, optimizer_seconds: float, method: str, release_memory: bool) -> float:
+    """Predicted seconds of one optimizer step on this CPU from its ops' timed seconds and the optimizer's."""
+    seconds = (compute_seconds + optimizer_seconds) * STEP_OVERHEAD[method]
     return seconds / RELEASE_SPEED if release_memory else seconds

@@ -37,6 +37,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ("qa", {"method": "lora"}),
     ("qa", {"method": "full"}),
     ("qa", {"method": "lora", "train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.1}}),
+    ("qa", {"method": "lora", "train": {"gradient_checkpointing": True}}),  # the fused blocks, checkpointed
     ("classification", {"method": "lora"}),
 ])
 def test_meta_replay_allocates_what_the_real_computation_does(make_doc, write_recipe, task, overrides):
@@ -58,6 +59,24 @@ def test_meta_replay_allocates_what_the_real_computation_does(make_doc, write_re
     assert counts["meta"].small_peak_mib == pytest.approx(counts["cpu"].small_peak_mib, rel=0.05, abs=0.1)
     assert 0 < counts["meta"].small_peak_mib < counts["meta"].peak_mib
 
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_checkpointed_replay_holds_one_layers_recomputation_at_a_time(make_doc, write_recipe, fused):
+    """With gradient checkpointing the replay's peak grows with depth by the layer inputs it keeps, not by each
+    layer's recomputed tensors: those are freed before the next layer's backward, as in the real run (the replay
+    once kept them all alive through torch's FlopCounterMode and predicted 3-5x the real transient)."""
+    def peak(layers: int, checkpointing: bool) -> float:
+        doc = make_doc("qa", method="lora", train={"gradient_checkpointing": checkpointing, "fused_lora": fused})
+        recipe = load_recipe(write_recipe(doc))
+        config = load_config(recipe.model.source, recipe)
+        config.num_hidden_layers = layers
+        model = build_meta(config, recipe, torch.float32, None)
+        return measure(model, Shape(rows=4, width=64, units=16), causal=True).peak_mib
+
+    checkpointed = peak(8, True) - peak(2, True)
+    plain = peak(8, False) - peak(2, False)
+    assert 0 < checkpointed < 0.25 * plain
 
 def test_eval_replay_allocates_what_the_real_prefill_does(make_doc, write_recipe):
     recipe = load_recipe(write_recipe(make_doc("qa", "lora")))
@@ -161,7 +180,8 @@ def test_budget_finds_a_smaller_micro_batch_that_fits(make_doc, write_recipe):
     budget = with_margin(predict(one, ctx=ctx, speed=False), MARGIN) + 0.01  # only smaller micro-batches fit
     assert with_margin(default, MARGIN) > budget
     found = fit(recipe, budget, ctx=ctx, speed=False)
-    assert found["overrides"] and with_margin(found["plan"], found["margin"]) <= budget < default["peak_mib"]
+    # judged as the search judges, margin included (on a tiny model the fixed OVERHEAD outweighs the activations)
+    assert found["overrides"] and with_margin(found["plan"], found["margin"]) <= budget < with_margin(default, MARGIN)
     micro = [o for o in found["overrides"] if o.startswith("train.batch_size=")]
     if micro:
         accum = [o for o in found["overrides"] if o.startswith("train.grad_accum=")]

@@ -1,0 +1,76 @@
+"""lite_ft.plan.op_times: the ops a meta replay dispatches are recorded with their shapes, each can be run again on
+real CPU tensors (views, expanded and transposed arguments included), its time grows with its work, and times are
+cached per machine so a second plan measures nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lite_ft.plan import op_times
+from lite_ft.plan.op_times import OpTimes, OpTrace, optimizer_seconds
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITE_FT_CACHE", str(tmp_path / "cache"))
+
+
+def _trace(n: int) -> OpTrace:
+    """A meta computation with a transposed weight (mm), an expanded tensor made contiguous and a reduction."""
+    x = torch.empty(n, n, device="meta")
+    w = torch.empty(n, n, device="meta")
+    with OpTrace() as trace:
+        y = x @ w.t()
+        z = torch.empty(n, 1, device="meta").expand(n, n).contiguous()
+        (y * z).sum()
+    return trace
+
+
+def test_the_trace_records_each_op_with_its_shapes_and_strides() -> None:
+    trace = _trace(64)
+    names = {sig[0] for sig in trace.counts}
+    assert {"aten.mm.default", "aten.clone.default", "aten.mul.Tensor", "aten.sum.default"} <= names
+    mm = next(sig for sig in trace.counts if sig[0] == "aten.mm.default")
+    assert mm[1] == (("T", (64, 64), (64, 1), "float32"), ("T", (64, 64), (1, 64), "float32"))  # w.t(): strides
+    assert not any(sig[0] in op_times.SKIP for sig in trace.counts)  # views cost nothing and are not timed
+
+
+def test_flops_of_the_trace_are_torchs_own_count() -> None:
+    """OpTrace.flops applies torch's FLOP formulas to the recorded ops: the same total as FlopCounterMode."""
+    x, w, b = (torch.empty(*s, device="meta") for s in ((8, 32, 64), (48, 64), (48,)))
+    with FlopCounterMode(display=False) as counter, OpTrace() as trace:
+        y = torch.nn.functional.linear(x, w, b)  # addmm
+        (y @ y.transpose(1, 2)).sum()  # bmm
+        x.reshape(-1, 64) @ w.t()  # mm
+    assert trace.flops() == counter.get_total_flops() > 0
+
+
+def test_every_op_is_timed_on_real_tensors_and_more_work_takes_longer() -> None:
+    table = OpTimes("test-machine")
+    small, untimed_small = table.seconds(_trace(128))
+    large, untimed_large = table.seconds(_trace(1024))  # 512x the matmul FLOPs, 64x the element-wise work
+    assert untimed_small == untimed_large == 0  # the expanded (stride 0) argument was rebuilt too
+    assert 0 < small < large
+
+
+def test_times_are_cached_per_machine() -> None:
+    first = OpTimes("test-machine")
+    first.seconds(_trace(96))
+    assert first.measured > 0
+    first.save()
+    again = OpTimes("test-machine")
+    again.seconds(_trace(96))
+    assert again.measured == 0  # read back, not measured again
+    other = OpTimes("another-machine")
+    other.seconds(_trace(96))
+    assert other.measured == first.measured
+
+
+def test_optimizer_step_time_counts_every_tensor() -> None:
+    table = OpTimes("test-machine")
+    one = optimizer_seconds([(256, 256)], "adamw", table)
+    three = optimizer_seconds([(256, 256)] * 3, "adamw", table)
+    assert one > 0 and three == pytest.approx(3 * one)  # one timing per distinct shape, counted per tensor
