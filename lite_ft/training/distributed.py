@@ -25,6 +25,7 @@ from lite_ft.training import sharding
 # must not leave the rest hanging forever. Longer than any single step or evaluation batch should take.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 _closed_backend = ""  # the backend of a process group this process joined and left (Dist.close)
+_joins = 0  # process groups joined again after close(): each under its own store prefix
 
 
 def launched_world() -> int:
@@ -156,8 +157,13 @@ def start(device_choice: str = "auto", fsdp: bool = False) -> Dist:
     cpu = device_choice == "cpu" or not torch.cuda.is_available()  # accelerate uses gloo only when told: CPU
     if _closed_backend and not torch.distributed.is_initialized():
         # A second run in this process (Python API) after close(): accelerate keeps its state from the first and
-        # would not join again, so join the same way it did.
-        torch.distributed.init_process_group(_closed_backend, timeout=COLLECTIVE_TIMEOUT)
+        # would not join again, so join the same way it did, under a key prefix of its own: the launcher's store
+        # still holds the first group's keys, and a rank reading another's old address fails to connect.
+        global _joins
+        _joins += 1
+        store, rank, world = next(torch.distributed.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+        torch.distributed.init_process_group(_closed_backend, store=torch.distributed.PrefixStore(
+            f"lite-ft-join-{_joins}", store), rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     accelerator = Accelerator(cpu=cpu, mixed_precision="no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     if accelerator.num_processes != launched_world():  # never train N independent copies by mistake
