@@ -186,7 +186,8 @@ def test_streamed_and_in_memory_merges_write_the_same_tensors(tiny_run: Path, tm
     streamed = merge(tiny_run, tmp_path / "streamed", fmt="gguf", gguf_type="f32")
     in_memory = merge(tiny_run, tmp_path / "in-memory", fmt="gguf", gguf_type="f32", strategy="in-memory")
     assert "not streamed: the in-memory merge was requested" in in_memory["merge_strategy"]
-    assert streamed["merge_peak_rss_mib"] < in_memory["merge_peak_rss_mib"]  # the write alone vs load + merge
+    # (which one peaks lower is test_streaming's peak-memory test, in a fresh process on a 256 MiB model: here the
+    # worker's RSS is the whole suite's so far, and a tiny model's merge moves it by under 2 MiB either way)
     tensors = [{t.name: t.data.copy() for t in gguf.GGUFReader(str(tmp_path / name / "model.gguf")).tensors}
                for name in ("streamed", "in-memory")]
     assert tensors[0].keys() == tensors[1].keys()
