@@ -42,6 +42,7 @@ GRID: dict[str, list[str]] = {
     "lora-ckpt-b8-l384": [*SQUAD, "train.batch_size=8", "data.max_length=384", "train.gradient_checkpointing=true"],
     "full-ckpt-b8-l256": [*SQUAD, "method=full", "train.lr=3e-5", "train.batch_size=8", "data.max_length=256",
                           "train.gradient_checkpointing=true"],
+    "lora-ckpt-b4-l512": [*SQUAD, "train.batch_size=4", "data.max_length=512", "train.gradient_checkpointing=true"],
     "lora-adamw8bit-b8-l384": [*SQUAD, "train.batch_size=8", "data.max_length=384", "train.optimizer=adamw8bit"],
     "full-adamw8bit-b4-l256": [*SQUAD, "method=full", "train.lr=3e-5", "train.batch_size=4", "data.max_length=256",
                                "train.optimizer=adamw8bit"],
@@ -91,8 +92,9 @@ def measure(name: str, out: Path) -> dict[str, Any]:
         raise SystemExit(f"run failed for {name} (exit {proc.returncode}):\n{tail}")
     entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(entries)]
-    done = [e["tokens_per_second"] * e["elapsed_s"] for e in entries]  # the log's rate is cumulative: real tokens
-    tokens = [b - a for a, b in itertools.pairwise(done)]
+    # each entry's rate is over its own window (one step with train.log_every=1), not cumulative: a step's real
+    # tokens are its rate times its own seconds
+    tokens = [b["tokens_per_second"] * (b["elapsed_s"] - a["elapsed_s"]) for a, b in itertools.pairwise(entries)]
     memory = json.loads((out / "memory.json").read_text())
     return {"max_rss_mib": usage.ru_maxrss / 1024, "sampled_peak_mib": memory["peak_mib"],
             "baseline_mib": memory["baseline_mib"], "breakdown": memory["breakdown"],

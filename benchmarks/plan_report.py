@@ -36,7 +36,7 @@ def write_report(record: dict[str, Any], out: Path) -> None:
              f"+/-15%: {sum(e <= 15 for e in peak_err)}; worst peak error {max(peak_err):.1f}%"),
              (f"- s/step within +/-25%: {sum(e <= 25 for e in speed_err)} of {len(names)}; worst "
              f"{max(speed_err):.1f}%"),
-             ("- held out of the calibration (benchmarks/plan_calibrate.py set HEAP, OVERHEAD and STEP_OVERHEAD on "
+             ("- held out of the calibration (benchmarks/plan_calibrate.py set HEAP, CHECKPOINTED and STEP_OVERHEAD on "
               f"the others): "
               f"{', '.join(held)}; their worst peak error "
               f"{max((abs(results[n]['peak_error_pct']) for n in held), default=0):.1f}%"), "",

@@ -42,23 +42,25 @@ from lite_ft.recipe.precision import precision_for
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
 
-# Resident memory of a micro-batch's transient tensors on the CPU beyond their live peak (which the replay counts),
-# per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration.md):
-# HEAP x the transient peak + OVERHEAD MiB. lite_ft.allocator fixes glibc's mmap threshold (4 MiB; 1 MiB with
-# train.release_memory): tensors from there up get their own mappings, resident while alive (on 2 MiB huge pages),
-# the smaller ones share glibc's heap, which keeps freed blocks and fragments; OVERHEAD is what a training process
-# holds beyond its tensors whatever the batch (code pages of the kernels a step runs, oneDNN scratch, thread
-# stacks). With LITE_FT_ALLOCATOR=glibc the threshold moves up to 32 MiB and nearly every activation lives in the
-# heap (those two factors were measured before lite_ft.allocator, on a machine with twice the matmul rate). A
-# best-fit simulation of the heap over the replay's allocation trace came out at about half the measured excess,
-# so the factors are measured, not simulated. "quantized": QLoRA and LoRA over an 8-bit base (bitsandbytes'
-# dequantized weights pass through the heap in every layer).
+# Resident memory of a micro-batch's transient tensors on the CPU against their live peak (which the replay counts),
+# per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration.md): HEAP x
+# the transient peak, plus CHECKPOINTED x it with gradient checkpointing. lite_ft.allocator fixes glibc's mmap
+# threshold (4 MiB; 1 MiB with train.release_memory): tensors from there up get their own mappings, resident while
+# alive (on 2 MiB huge pages); the smaller ones share glibc's heap, which keeps freed blocks and fragments, and holds
+# on to what the run's shorter micro-batches put there (their tensors fall under the threshold more often). A
+# checkpointed step recomputes each layer in backward and cycles those tensors through the heap layer by layer:
+# after one such step of 8 x 162 tokens glibc's heap held 1,027 MiB with 221 MiB in use (mallinfo2, 2026-12-06), so
+# the factor is higher with checkpointing although the live peak is lower. With LITE_FT_ALLOCATOR=glibc the
+# threshold moves up to 32 MiB and nearly every activation lives in the heap (those factors were measured before
+# lite_ft.allocator, on another machine). A best-fit simulation of the heap over the replay's allocation trace came
+# out at about half the measured excess, so the factors are measured, not simulated. "quantized": QLoRA and LoRA
+# over an 8-bit base (bitsandbytes' dequantized weights pass through the heap in every layer).
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
-        ("mmap 4 MiB", "full"): 0.53, ("mmap 4 MiB", "adapters"): 1.30, ("mmap 4 MiB", "quantized"): 1.0,
-        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.0, ("mmap 1 MiB", "quantized"): 1.0}
-# mmap rows fitted 2026-12-06 on a 2-core AMD EPYC (Zen 4); glibc rows from the earlier machine (see above)
-OVERHEAD = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 219.0, ("mmap 4 MiB", "adapters"): 209.0,
-            ("mmap 4 MiB", "quantized"): 850.0, ("mmap 1 MiB", "adapters"): 118.0}
+        ("mmap 4 MiB", "full"): 0.70, ("mmap 4 MiB", "adapters"): 1.46, ("mmap 4 MiB", "quantized"): 2.34,
+        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.07, ("mmap 1 MiB", "quantized"): 1.0}
+CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.08, ("mmap 4 MiB", "adapters"): 1.20}
+# mmap rows fitted 2026-12-06 on a 2-core AMD EPYC (Zen 4); at 1 MiB only adapters were measured (one run), the
+# other 1 MiB families and checkpointing under 1 MiB or with a quantized base are not measured (neutral values)
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -162,7 +164,7 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
         parts["autocast weight copies"] = trainable * 2 / MIB  # 16-bit copies of the fp32 weights, kept for backward
     kind, threshold = allocator_model(recipe, device)
     in_heap = transient.small_peak_mib if threshold else transient.peak_mib
-    if device == "cpu":  # what glibc and the process keep resident beyond the live peak (HEAP, OVERHEAD)
+    if device == "cpu":  # what glibc keeps resident beyond the live peak (HEAP, CHECKPOINTED)
         parts[f"allocator ({kind})"] = resident_excess(recipe, kind, transient.peak_mib)
     peak = sum(parts.values())
     if device == "cuda":
@@ -259,9 +261,10 @@ def family(recipe: Recipe) -> str:
 
 
 def resident_excess(recipe: Recipe, kind: str, transient_mib: float) -> float:
-    """MiB resident beyond the live tensors for a transient peak of `transient_mib` (HEAP, OVERHEAD)."""
+    """MiB resident beyond the live tensors for a transient peak of `transient_mib` (HEAP, CHECKPOINTED)."""
     key = (kind, family(recipe))
-    return (HEAP[key] - 1.0) * transient_mib + OVERHEAD[key]
+    factor = HEAP[key] + (CHECKPOINTED[key] if recipe.train.gradient_checkpointing else 0.0)
+    return (factor - 1.0) * transient_mib
 
 
 def allocator_model(recipe: Recipe, device: str) -> tuple[str, int | None]:

@@ -17,7 +17,7 @@ from lite_ft.sources.catalog import cache_dir
 # A training step's measured seconds over the sum of its ops' isolated timings (lite_ft.plan.op_times), per method:
 # page faults of fresh mappings, caches shared between ops, the autograd engine and Python between ops.
 # Fitted by benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration.md).
-STEP_OVERHEAD = {"full": 0.72, "lora": 1.13, "qlora": 0.79, "lora-8bit": 0.64}  # fitted 2026-12-06, 2-core AMD EPYC
+STEP_OVERHEAD = {"full": 1.22, "lora": 0.76, "qlora": 0.80, "lora-8bit": 0.73}  # fitted 2026-12-06, 2-core AMD EPYC
 # (Zen 4); under 1 where a real step ran faster than its ops timed one by one (why was not isolated)
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
