@@ -8,6 +8,7 @@ collectives that return their input.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -137,6 +138,12 @@ class Dist:
         global _closed_backend
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
+            # Give gloo's worker threads the GIL to free the last collectives' tensors (Python-owned: they need
+            # it). Whatever drops the group's last reference later (DDP's reducer, when the model goes) joins
+            # those threads while holding the GIL; a thread still freeing a tensor then waits for it forever
+            # (seen once in the suite: a rank hung in ~ProcessGroupGloo after a run that succeeded). 0.5 s, once
+            # a run; a margin for a loaded 2-core machine, not a guarantee.
+            time.sleep(0.5)
             _closed_backend = torch.distributed.get_backend()
             self.accelerator.end_training()
 

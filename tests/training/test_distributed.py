@@ -112,11 +112,11 @@ def test_the_all_reduced_gradient_is_the_single_process_gradient(tiny_llama_dir:
     """Plain SGD with lr 1 makes the weight change the gradient itself; Adam would hide a wrong scale."""
     worker = str(DDP / "grad_worker.py")
     single = subprocess.run([sys.executable, worker, str(tiny_llama_dir), str(tmp_path / "one.pt"), "8"],
-                            env=env(), capture_output=True, text=True)
+                            env=env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(_port()), worker, str(tiny_llama_dir), str(tmp_path / "two.pt"),
-                             "4"], env=env(), capture_output=True, text=True)
+                             "4"], env=env(), capture_output=True, text=True, timeout=300)  # a hung rank fails the test
     assert double.returncode == 0, double.stderr
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert len(a) == len(b) and any(float(g.abs().max()) > 0 for g in a)
