@@ -10,7 +10,8 @@
 
 Runs the predictor in this one process (no weights are loaded), with the constants neutral (HEAP 1, CHECKPOINTED 0,
 STEP_OVERHEAD 1), and writes calibration.json and calibration.md next to the results. The constants in the code are
-the ones printed here; the accuracy table is therefore partly in-sample (calibration.md says which configurations set which constant).
+the ones printed here; the accuracy table is therefore partly in-sample (calibration.md says which configurations
+set which constant).
 
     flock /work/cpu.lock python benchmarks/plan_calibrate.py
 """
