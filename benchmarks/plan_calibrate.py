@@ -98,23 +98,23 @@ def main() -> None:
                       "ops_seconds": plan["step_time"]}
         print(name, json.dumps({k: v for k, v in rows[name].items() if isinstance(v, float)}), flush=True)
     heap, checkpointed = fit_allocator(rows)
-    eff = {m: statistics.median(r["step_overhead"] for r in rows.values() if r["method"] == m)
+    step_overhead = {m: statistics.median(r["step_overhead"] for r in rows.values() if r["method"] == m)
            for m in {r["method"] for r in rows.values()}}
     (OUT / "calibration.json").write_text(json.dumps({"rows": rows, "heap": heap, "checkpointed": checkpointed,
-                                                      "step_overhead": eff}, indent=2))
+                                                      "step_overhead": step_overhead}, indent=2))
     lines = ["# lite-ft plan: the CPU constants, measured", "",
              "Least squares per group (`python benchmarks/plan_calibrate.py --only` the calibration rows).",
              "", "| group | constant |", "| --- | ---: |"]
     lines += [f"| HEAP {k} | {v:.2f} |" for k, v in sorted(heap.items())]
     lines += [f"| CHECKPOINTED {k} | {v:.2f} |" for k, v in sorted(checkpointed.items())]
-    lines += [f"| STEP_OVERHEAD {k} | {v:.2f} |" for k, v in sorted(eff.items())]
+    lines += [f"| STEP_OVERHEAD {k} | {v:.2f} |" for k, v in sorted(step_overhead.items())]
     lines += ["", "| configuration | resident / live transient | under the mmap threshold MiB | transient MiB | "
               "measured s / timed ops' s |",
               "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {n} | {r['heap_factor']:.2f} | {r['heap_mib']:,.0f} | "
               f"{r['transient_mib']:,.0f} | {r['step_overhead']:.2f} |" for n, r in rows.items()]
     (OUT / "calibration.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({"heap": heap, "checkpointed": checkpointed, "step_overhead": eff}, indent=2))
+    print(json.dumps({"heap": heap, "checkpointed": checkpointed, "step_overhead": step_overhead}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ engine's own work) is one measured factor, lite_ft.plan.speed.STEP_OVERHEAD.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -26,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from lite_ft import allocator
 from lite_ft.sources.catalog import cache_dir
 
 Signature = tuple[Any, ...]  # (op name, argument specs, keyword specs): hashable, and a JSON key through repr()
@@ -120,15 +123,29 @@ def _time(func: Callable[..., Any], sig: Signature) -> float | None:
             # the replay hands the fused CPU attention kernel transformers' boolean mask; the real call gets it as
             # an additive mask in the query's dtype (scaled_dot_product_attention converts it), so time that
             kwargs["attn_mask"] = torch.zeros(mask.shape, dtype=args[0].dtype)
-        func(*args, **kwargs)  # warm-up: first-touch page faults, kernel selection
-        times = []
-        for _ in range(REPEATS):
-            t0 = time.perf_counter()
-            func(*args, **kwargs)
-            times.append(time.perf_counter() - t0)
+        return _median_seconds(lambda: func(*args, **kwargs))
     except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError):
         return None
+
+
+def _median_seconds(call: Callable[[], Any]) -> float:
+    """Median seconds of `call` over REPEATS runs after one untimed run (first-touch page faults, kernel selection,
+    an optimizer's state)."""
+    call()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@functools.cache
+def _run_allocator() -> None:
+    """Time ops under the allocator a run has (lite_ft.allocator): large outputs are fresh mappings whose first
+    touch faults pages in, as in the run (train.release_memory's extra cost is RELEASE_SPEED). Once a process, and
+    only when something is measured: a plan whose times are all cached leaves the process's allocator alone."""
+    allocator.configure(release_memory=False)
 
 
 class OpTimes:
@@ -145,15 +162,20 @@ class OpTimes:
         """Summed seconds of every op in the trace, and how many of its op calls could not be timed."""
         total, untimed = 0.0, 0
         for sig, count in trace.counts.items():
-            key = repr(sig)
-            if key not in self.table:
-                self.table[key] = _time(trace.ops[sig], sig)
-                self.measured += 1
-            if self.table[key] is None:
+            seconds = self.lookup(repr(sig), lambda: _time(trace.ops[sig], sig))
+            if seconds is None:
                 untimed += count
             else:
-                total += count * self.table[key]
+                total += count * seconds
         return total, untimed
+
+    def lookup(self, key: str, measure: Callable[[], float | None]) -> float | None:
+        """The cached seconds for `key`, measured now (and counted in `measured`) when not cached yet."""
+        if key not in self.table:
+            _run_allocator()
+            self.table[key] = measure()
+            self.measured += 1
+        return self.table[key]
 
     def save(self) -> None:
         if not self.measured:
@@ -171,15 +193,12 @@ def optimizer_seconds(shapes: Iterable[tuple[int, ...]], optimizer: str, table: 
     each distinct shape (capped at 2**22 values, scaled by the values beyond: the update is linear in them)."""
     total = 0.0
     for shape, count in Counter(tuple(s) for s in shapes).items():
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         timed = min(numel, 1 << 22)
-        key = repr(("optimizer", optimizer, timed if timed < numel else shape))
-        if key not in table.table:
-            table.table[key] = _optimizer_step(optimizer, (timed,) if timed < numel else shape)
-            table.measured += 1
-        total += count * (table.table[key] or 0.0) * numel / timed
+        measured = (timed,) if timed < numel else shape
+        seconds = table.lookup(repr(("optimizer", optimizer, timed if timed < numel else shape)),
+                               lambda: _optimizer_step(optimizer, measured))
+        total += count * (seconds or 0.0) * numel / timed
     return total
 
 
@@ -193,10 +212,4 @@ def _optimizer_step(optimizer: str, shape: tuple[int, ...]) -> float | None:
         opt = bnb.optim.AdamW8bit([p], lr=1e-4)
     else:
         opt = torch.optim.AdamW([p], lr=1e-4)
-    opt.step()  # creates the state: not part of a steady step
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_seconds(opt.step)  # the untimed first step creates the state: not part of a steady step

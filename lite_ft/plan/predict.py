@@ -202,8 +202,6 @@ def _step_time(static: MetaModel, transient: Transient, shape: Shape, batches: B
     """Seconds of a mean step's ops, timed on this machine (op_times): the longest micro-batch's ops scaled to the
     run's mean padded tokens per step (linear in tokens, as the FLOPs), and the optimizer step."""
     table = OpTimes(machine_key())
-    allocator.configure(release_memory=False)  # ops timed under the allocator a run has: large outputs are fresh
-    # mappings whose first touch faults pages in, as in the run (train.release_memory's extra cost: RELEASE_SPEED)
     micro, untimed = table.seconds(transient.ops)
     shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
     opt = optimizer_seconds(shapes, recipe.train.optimizer, table)

@@ -60,7 +60,6 @@ def test_meta_replay_allocates_what_the_real_computation_does(make_doc, write_re
     assert 0 < counts["meta"].small_peak_mib < counts["meta"].peak_mib
 
 
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_checkpointed_replay_holds_one_layers_recomputation_at_a_time(make_doc, write_recipe, fused):
     """With gradient checkpointing the replay's peak grows with depth by the layer inputs it keeps, not by each
@@ -77,6 +76,7 @@ def test_checkpointed_replay_holds_one_layers_recomputation_at_a_time(make_doc, 
     checkpointed = peak(8, True) - peak(2, True)
     plain = peak(8, False) - peak(2, False)
     assert 0 < checkpointed < 0.25 * plain
+
 
 def test_eval_replay_allocates_what_the_real_prefill_does(make_doc, write_recipe):
     recipe = load_recipe(write_recipe(make_doc("qa", "lora")))
