@@ -53,15 +53,15 @@ def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
         print(f"\n[lite-ft integration] {line}")
 
 
-@pytest.mark.slow  # 35-50 s each here: four steps of the real 135M model
+@pytest.mark.slow  # about 30 s each here: four steps of two examples of the real 135M model
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_smollm2_trains_only_its_adapters(method: str, smollm: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     recipe = load_recipe(document={
         "task": "qa", "method": method, "model": {"source": "smollm2-135m-instruct"},
-        "data": {"train": "builtin:qa-train", "limit_train": 16, "max_length": 256},
+        "data": {"train": "builtin:qa-train", "limit_train": 2, "max_length": 256},  # the same two every step
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "seed": 0},
+        "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.0, "log_every": 1, "seed": 0},
         "output": {"dir": str(tmp_path / "run")}})
     set_seed(0)
     b = build(recipe, source_path=smollm)
@@ -74,7 +74,7 @@ def test_smollm2_trains_only_its_adapters(method: str, smollm: str, tmp_path: Pa
     moved = changed(before, snapshot(b.model))
     assert moved and all("lora_" in n for n in moved), [n for n in moved if "lora_" not in n][:5]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert sum(losses[1:]) / 3 < losses[0], losses  # an instruct model learns the answer format at once
+    assert sum(losses[1:]) / 3 < losses[0], losses  # the same batch each step: its loss falls
     report(capsys, f"smollm2-135m {method}: {stats['seconds_per_step']:.2f} s/step, {stats['tokens_per_second']:.0f} "
            f"tokens/s, losses {[round(x, 3) for x in losses]}")
 

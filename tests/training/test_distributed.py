@@ -24,6 +24,7 @@ from helpers import logged_steps, recipe_doc
 REPO = Path(__file__).resolve().parents[2]
 DDP = Path(__file__).resolve().parent / "ddp"
 RTOL = 1e-5
+ADAPTER = "adapter/adapter_model.safetensors"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
@@ -57,12 +58,26 @@ def sections(out: Path, batch: int, accum: int, **train: Any) -> dict[str, Any]:
             "eval": {"batch_size": 2, "max_new_tokens": 6}, "output": {"dir": str(out)}}
 
 
+# The runs compared with `one_process` also evaluate after every step and keep the best one, at a learning rate that
+# moves the eval loss: the eval loss is summed per batch over the ranks (3 batches of 2 on 2 ranks: uneven), not
+# averaged, so it is the one-process figure, and keep_best picks the same step and restores its weights.
+TRACKED = {"save_every": 2, "keep_best": "eval_loss", "lr": 5e-2}
+
+
+def tracked(make_doc: Callable[..., dict[str, Any]], out: Path, batch: int, accum: int, **train: Any
+            ) -> dict[str, Any]:
+    d = doc(make_doc, out, batch, accum, **TRACKED, **train)
+    d["eval"] |= {"every": 1, "during_limit": 4}
+    return d
+
+
 def doc(make_doc: Callable[..., dict[str, Any]], out: Path, batch: int, accum: int, **train: Any) -> dict[str, Any]:
     return make_doc("qa", "lora", **sections(out, batch, accum, **train))
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [e["loss"] for e in entries if "loss" in e]  # evaluations during training log lines of their own
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,37 +89,67 @@ def finished(proc: subprocess.Popen, timeout: float = 300) -> None:
     assert code == 0, proc.stderr.read()
 
 
-@pytest.fixture(scope="module")
-def one_process(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: 1 process x micro-batch 8, 4 steps, checkpoints every 2 (shared by the tests below)."""
-    folder = tmp_path_factory.mktemp("one-process")
-    d = recipe_doc("qa", "lora", folder, tiny_llama_dir, tiny_bert_dir, **sections(folder / "run", 8, 1, save_every=2))
+def one_process(folder: Path, tiny_llama_dir: Path, tiny_bert_dir: Path) -> Path:
+    """The reference: 1 process x micro-batch 8, 4 steps, checkpoints every 2, evaluated after each step."""
+    d = recipe_doc("qa", "lora", folder, tiny_llama_dir, tiny_bert_dir, **sections(folder / "one", 8, 1, **TRACKED))
+    d["eval"] |= {"every": 1, "during_limit": 4}
     (folder / "one.yaml").write_text(yaml.safe_dump(d))
     finished(lite_ft(["run", str(folder / "one.yaml")], folder))
-    return folder / "run"
+    return folder / "one"
 
 
-@pytest.mark.slow  # two two-process runs: about 40 s here
-def test_two_processes_compute_what_one_does(one_process: Path, make_doc: Callable[..., dict[str, Any]],
-                                             write_recipe: Callable[..., Path], tmp_path: Path) -> None:
-    two = write_recipe(doc(make_doc, tmp_path / "two", 4, 1, save_every=2), "two.yaml")
-    accum = write_recipe(doc(make_doc, tmp_path / "accum", 2, 2, save_every=2), "accum.yaml")
-    finished(lite_ft(["run", str(two)], tmp_path, nproc=2))
-    finished(lite_ft(["run", str(accum)], tmp_path, nproc=2, torchrun=True))
-    reference = losses(one_process)
-    weights = load_file(one_process / "adapter" / "adapter_model.safetensors")
-    for name in ("two", "accum"):
-        assert losses(tmp_path / name) == pytest.approx(reference, rel=RTOL), name
-        other = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
-        # All adapter weights as one vector within 1e-5; each tensor within 1e-4, since Adam turns the rounding
-        # of the all-reduce in near-zero gradients (layer 0's k_proj at random init) into differences of ~5e-7.
-        flat = [torch.cat([t[k].flatten() for k in sorted(weights)]) for t in (other, weights)]
-        assert relative(*flat) < RTOL, name
-        assert all(relative(other[k], weights[k]) < 10 * RTOL for k in weights), name
-        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert metrics["eval"]["f1"] == json.loads((one_process / "metrics.json").read_text())["eval"]["f1"]
-        assert (tmp_path / name / "predictions.jsonl").read_text() == (one_process / "predictions.jsonl").read_text()
-        assert metrics["train"]["processes"]["world_size"] == 2 and len(metrics["train"]["ranks"]) == 2
+@pytest.mark.slow  # one single-process and four two-process runs: 75-90 s here
+def test_ddp_and_fsdp_on_two_processes_compute_what_one_does_and_resume(
+        make_doc: Callable[..., dict[str, Any]], write_recipe: Callable[..., Path], tmp_path: Path,
+        tiny_llama_dir: Path, tiny_bert_dir: Path) -> None:
+    """DDP (`--nproc 2`, and torchrun with accumulation) and FSDP2 over gloo (LoRA here; full fine-tuning was
+    checked the same way by hand: parameters, gradients and optimizer state sharded, checkpoints of full tensors)
+    against one process; one test, so the reference run is made once (xdist gives each worker its own fixtures)."""
+    reference = one_process(tmp_path, tiny_llama_dir, tiny_bert_dir)
+    runs = {"two": (tracked(make_doc, tmp_path / "two", 4, 1), False),
+            "accum": (tracked(make_doc, tmp_path / "accum", 2, 2), True),
+            "fsdp": (tracked(make_doc, tmp_path / "fsdp", 4, 1, fsdp=True), False)}
+    for name, (d, torchrun) in runs.items():
+        finished(lite_ft(["run", str(write_recipe(d, f"{name}.yaml"))], tmp_path, nproc=2, torchrun=torchrun))
+        same_model(reference, tmp_path / name)
+        same_evaluations(reference, tmp_path / name)
+    final = load_file(tmp_path / "fsdp" / ADAPTER)
+    # As if it had died after step 2's checkpoint: the sharded run resumes from the full tensors it saved.
+    (tmp_path / "fsdp" / "metrics.json").unlink()
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-000004")
+    finished(lite_ft(["run", str(tmp_path / "fsdp.yaml")], tmp_path, nproc=2))
+    resumed = load_file(tmp_path / "fsdp" / ADAPTER)
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def same_model(reference: Path, other: Path) -> None:
+    """Losses, adapter weights, final evaluation and predictions of a two-process run are one process's."""
+    assert losses(other) == pytest.approx(losses(reference), rel=RTOL)
+    weights, found = load_file(reference / ADAPTER), load_file(other / ADAPTER)
+    # All adapter weights as one vector within 3e-5; each tensor within 3e-4, since Adam turns the rounding of the
+    # all-reduce in near-zero gradients (layer 0's k_proj at random init) into differences of ~5e-7, times the
+    # learning rate of 5e-2 (at 1e-3 all weights agreed within 1e-5; here 1.1e-5 was seen).
+    flat = [torch.cat([t[k].flatten() for k in sorted(weights)]) for t in (found, weights)]
+    assert relative(*flat) < 3 * RTOL
+    assert all(relative(found[k], weights[k]) < 30 * RTOL for k in weights)
+    metrics = json.loads((other / "metrics.json").read_text())
+    assert metrics["eval"]["f1"] == json.loads((reference / "metrics.json").read_text())["eval"]["f1"]
+    assert (other / "predictions.jsonl").read_text() == (reference / "predictions.jsonl").read_text()
+    assert metrics["train"]["processes"]["world_size"] == 2 and len(metrics["train"]["ranks"]) == 2
+
+
+def same_evaluations(reference: Path, other: Path) -> None:
+    """The evaluations during training and the kept best step of a run on several processes are one process's."""
+    def read(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        return [e for e in log if "eval_loss" in e], json.loads((folder / "metrics.json").read_text())
+
+    (expected, metrics), (found, got) = read(reference), read(other)
+    assert [e["step"] for e in expected] == [1, 2, 3, 4]
+    assert [e["eval_loss"] for e in found] == pytest.approx([e["eval_loss"] for e in expected], rel=RTOL)
+    assert [e["eval_units"] for e in found] == [e["eval_units"] for e in expected]
+    assert [e["f1"] for e in found] == [e["f1"] for e in expected]
+    assert got["train"]["best"]["step"] == metrics["train"]["best"]["step"]
 
 
 @pytest.mark.slow  # a torchrun of two processes: about 25 s here
@@ -183,50 +228,3 @@ def test_a_failing_rank_stops_the_job_with_its_own_message(make_doc: Callable[..
     assert code != 0 and "rank 1 exited with code 1" in message
     assert "injected: a broken example on this rank" in message
     assert "Traceback" not in message.split("rank 1 exited")[0], message  # rank 0 said no more than a line
-
-
-@pytest.mark.slow  # two two-process runs: about 45 s here
-def test_fsdp_on_two_processes_computes_what_one_does_and_resumes(
-        one_process: Path, make_doc: Callable[..., dict[str, Any]], write_recipe: Callable[..., Path],
-        tmp_path: Path) -> None:
-    """FSDP2 over gloo (LoRA here; full fine-tuning was checked the same way by hand): parameters, gradients and
-    optimizer state sharded, and its checkpoints hold full tensors."""
-    sharded = write_recipe(doc(make_doc, tmp_path / "fsdp", 4, 1, save_every=2, fsdp=True), "fsdp.yaml")
-    finished(lite_ft(["run", str(sharded)], tmp_path, nproc=2))
-    assert losses(tmp_path / "fsdp") == pytest.approx(losses(one_process), rel=RTOL)
-    weights = "adapter/adapter_model.safetensors"
-    a, b = (load_file(folder / weights) for folder in (one_process, tmp_path / "fsdp"))
-    flat = [torch.cat([t[k].flatten() for k in sorted(a)]) for t in (b, a)]
-    assert relative(*flat) < RTOL
-    final = {k: v.clone() for k, v in b.items()}
-    # As if it had died after step 2's checkpoint: the sharded run resumes from the full tensors it saved.
-    (tmp_path / "fsdp" / "metrics.json").unlink()
-    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-000004")
-    finished(lite_ft(["run", str(sharded)], tmp_path, nproc=2))
-    resumed = load_file(tmp_path / "fsdp" / weights)
-    assert all(torch.equal(resumed[k], final[k]) for k in final)
-
-
-@pytest.mark.slow  # one single-process and two two-process runs: about 60 s here
-def test_eval_during_training_on_two_processes_is_what_one_gives(make_doc: Callable[..., dict[str, Any]],
-                                                                  write_recipe: Callable[..., Path],
-                                                                  tmp_path: Path) -> None:
-    """The eval loss is summed per batch over the ranks (3 batches on 2 ranks: uneven), not averaged, so it is the
-    one-process figure; keep_best picks the same step and restores its weights under DDP and FSDP alike."""
-    tracked = {"save_every": 2, "keep_best": "eval_loss", "lr": 5e-2}
-    runs = {}
-    for name, nproc, extra in (("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})):
-        d = doc(make_doc, tmp_path / name, 8 // nproc, 1, **tracked, **extra)
-        d["eval"] |= {"every": 1, "during_limit": 4}
-        finished(lite_ft(["run", str(write_recipe(d, f"{name}.yaml"))], tmp_path, nproc=nproc))
-        log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
-        runs[name] = ([e for e in log if "eval_loss" in e], json.loads((tmp_path / name / "metrics.json").read_text()))
-    reference, metrics = runs["one"]
-    assert [e["step"] for e in reference] == [1, 2, 3, 4]
-    for name in ("ddp", "fsdp"):
-        found, other = runs[name]
-        assert [e["eval_loss"] for e in found] == pytest.approx([e["eval_loss"] for e in reference], rel=RTOL)
-        assert [e["eval_units"] for e in found] == [e["eval_units"] for e in reference]
-        assert [e["f1"] for e in found] == [e["f1"] for e in reference]
-        assert other["train"]["best"]["step"] == metrics["train"]["best"]["step"], name
-        assert other["eval"]["f1"] == metrics["eval"]["f1"], name
