@@ -140,6 +140,7 @@ def combined(record: dict[str, Any]) -> dict[str, Any]:
         predicted_sps = timed_steps_seconds(p, m)
         out[name] = {"name": name, "overrides": overrides, "predicted": p, "measured": m,
                      "repeats_max_rss_mib": record.get("repeats", {}).get(name),
+                     "repeats_s_per_step": record.get("repeats_s_per_step", {}).get(name),
                      "peak_error_pct": 100 * (p["peak_mib"] - m["max_rss_mib"]) / m["max_rss_mib"],
                      "predicted_s_per_step": predicted_sps,
                      "speed_error_pct": 100 * (predicted_sps - m["seconds_per_step"]) / m["seconds_per_step"]}

@@ -12,7 +12,10 @@ def _row(name: str, r: dict[str, Any], calibrated: set[str]) -> str:
     spread = ""
     if r.get("repeats_max_rss_mib"):
         reps = r["repeats_max_rss_mib"]
-        spread = f"{min(reps):,.0f}-{max(reps):,.0f} ({len(reps)} runs)"
+        spread = f"{min(reps):,.0f}-{max(reps):,.0f} MiB ({len(reps)} runs)"
+        if r.get("repeats_s_per_step"):  # this VM's speed varies from run to run more than its memory does
+            secs = r["repeats_s_per_step"]
+            spread += f"; {min(secs):.2f}-{max(secs):.2f} s/step"
     role = "calibration" if name in calibrated else "held out"
     return (f"| {name} | {role} | {lmb['rows']}x{lmb['width']} @ step {lmb['first_at_step']} | {p['peak_mib']:,.0f} | "
             f"{m['max_rss_mib']:,.0f} | {r['peak_error_pct']:+.1f}% | {spread} | {r.get('predicted_s_per_step', p['seconds_per_step']):.2f} | "
