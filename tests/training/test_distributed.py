@@ -16,10 +16,9 @@ from typing import Any, Callable
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from helpers import logged_steps, recipe_doc
+from helpers import logged_steps
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = Path(__file__).resolve().parent / "ddp"
@@ -58,7 +57,7 @@ def sections(out: Path, batch: int, accum: int, **train: Any) -> dict[str, Any]:
             "eval": {"batch_size": 2, "max_new_tokens": 6}, "output": {"dir": str(out)}}
 
 
-# The runs compared with `one_process` also evaluate after every step and keep the best one, at a learning rate that
+# The runs compared with one process's also evaluate after every step and keep the best one, at a learning rate that
 # moves the eval loss: the eval loss is summed per batch over the ranks (3 batches of 2 on 2 ranks: uneven), not
 # averaged, so it is the one-process figure, and keep_best picks the same step and restores its weights.
 TRACKED = {"save_every": 2, "keep_best": "eval_loss", "lr": 5e-2}
@@ -89,23 +88,14 @@ def finished(proc: subprocess.Popen, timeout: float = 300) -> None:
     assert code == 0, proc.stderr.read()
 
 
-def one_process(folder: Path, tiny_llama_dir: Path, tiny_bert_dir: Path) -> Path:
-    """The reference: 1 process x micro-batch 8, 4 steps, checkpoints every 2, evaluated after each step."""
-    d = recipe_doc("qa", "lora", folder, tiny_llama_dir, tiny_bert_dir, **sections(folder / "one", 8, 1, **TRACKED))
-    d["eval"] |= {"every": 1, "during_limit": 4}
-    (folder / "one.yaml").write_text(yaml.safe_dump(d))
-    finished(lite_ft(["run", str(folder / "one.yaml")], folder))
-    return folder / "one"
-
-
 @pytest.mark.slow  # one single-process and four two-process runs: 75-90 s here
 def test_ddp_and_fsdp_on_two_processes_compute_what_one_does_and_resume(
-        make_doc: Callable[..., dict[str, Any]], write_recipe: Callable[..., Path], tmp_path: Path,
-        tiny_llama_dir: Path, tiny_bert_dir: Path) -> None:
+        make_doc: Callable[..., dict[str, Any]], write_recipe: Callable[..., Path], tmp_path: Path) -> None:
     """DDP (`--nproc 2`, and torchrun with accumulation) and FSDP2 over gloo (LoRA here; full fine-tuning was
     checked the same way by hand: parameters, gradients and optimizer state sharded, checkpoints of full tensors)
     against one process; one test, so the reference run is made once (xdist gives each worker its own fixtures)."""
-    reference = one_process(tmp_path, tiny_llama_dir, tiny_bert_dir)
+    reference = tmp_path / "one"  # 1 process x micro-batch 8
+    finished(lite_ft(["run", str(write_recipe(tracked(make_doc, reference, 8, 1), "one.yaml"))], tmp_path))
     runs = {"two": (tracked(make_doc, tmp_path / "two", 4, 1), False),
             "accum": (tracked(make_doc, tmp_path / "accum", 2, 2), True),
             "fsdp": (tracked(make_doc, tmp_path / "fsdp", 4, 1, fsdp=True), False)}
