@@ -19,7 +19,7 @@ from lite_ft.sources.catalog import cache_dir
 # Fitted by benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration.md).
 STEP_OVERHEAD = {"full": 0.99, "lora": 0.91, "qlora": 1.05, "lora-8bit": 0.80}  # fitted 2026-12-07, 2-core AMD EPYC
 # (Zen 4); under 1 where a real step ran faster than its ops timed one by one (why was not isolated). This VM's
-# speed varies by up to 2x from one second to the next (README, plan accuracy): the factors carry that noise
+# speed varied by up to 2x within minutes while they were measured (README, plan accuracy): they carry that noise
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
