@@ -74,9 +74,12 @@ def doc(make_doc: Callable[..., dict[str, Any]], out: Path, batch: int, accum: i
     return make_doc("qa", "lora", **sections(out, batch, accum, **train))
 
 
+def log(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
 def losses(out: Path) -> list[float]:
-    entries = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [e["loss"] for e in entries if "loss" in e]  # evaluations during training log lines of their own
+    return [e["loss"] for e in log(out) if "loss" in e]  # evaluations during training log lines of their own
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,8 +134,7 @@ def same_model(reference: Path, other: Path) -> None:
 def same_evaluations(reference: Path, other: Path) -> None:
     """The evaluations during training and the kept best step of a run on several processes are one process's."""
     def read(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-        return [e for e in log if "eval_loss" in e], json.loads((folder / "metrics.json").read_text())
+        return [e for e in log(folder) if "eval_loss" in e], json.loads((folder / "metrics.json").read_text())
 
     (expected, metrics), (found, got) = read(reference), read(other)
     assert [e["step"] for e in expected] == [1, 2, 3, 4]
