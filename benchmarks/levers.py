@@ -115,7 +115,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                      f"{r['seconds_per_step_steady']:.2f} | {r['peak_memory_mib']:.0f} | "
                      f"{r['peak_memory_mib'] / base['peak_memory_mib']:.2f}x | {r['losses'][-1]:.4f} |")
     lines += ["", f"Command: `python benchmarks/levers.py --steps {args.steps} --examples {args.examples} "
-              f"--variants {args.variants} --repeats {args.repeats}`", ""]
+              f"--variants {args.variants} --repeats {args.repeats}"
+              f"{' --interleave' if args.interleave else ''}`", ""]
     return "\n".join(lines)
 
 
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=400, help="SQuAD training rows to draw the batches from")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant (speed: median; memory: highest)")
+    parser.add_argument("--interleave", action="store_true", help="run the repeats round by round (A B C, A B C) "
+                        "instead of variant by variant (A A, B B, C C)")
     parser.add_argument("--merge", action="store_true", help="keep the variants already in --out/levers.json "
                         "that this call does not run (to split a long measurement into several calls)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "levers-cpu"))
@@ -136,15 +139,20 @@ def main() -> None:
         kept = {r["variant"]: r for r in json.loads((out / "levers.json").read_text(encoding="utf-8"))}
     if "defaults" not in names and "defaults" not in kept:  # every table row is read against the defaults
         names.insert(0, "defaults")
+    # --interleave: round r runs every variant once, so a machine whose speed drifts over the call (this VM's
+    # does, by 15% or more) moves every variant's runs alike instead of favouring the ones measured first
+    order = names * args.repeats if args.interleave else [name for name in names for _ in range(args.repeats)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     done = {}
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+    for i, name in enumerate(order, 1):
+        print(f"[{i}/{len(order)}] {name} ...", file=sys.stderr, flush=True)
         _, overrides, env = VARIANTS[name]
-        done[name] = aggregate([run_variant(name, overrides, env, args) for _ in range(args.repeats)])
-        r = done[name]
+        runs[name].append(run_variant(name, overrides, env, args))
+        done[name] = aggregate(runs[name])
+        r = runs[name][-1]
         print(f"    {r['status']}" + (f": {r['steady_tokens_per_second']:.1f} tok/s, peak {r['peak_memory_mib']:.0f} "
                                     f"MiB" if r["status"] == "ok" else f": {r['error'][-200:]}"), file=sys.stderr)
-        merged = {**kept, **done}  # written after every variant: a cut-short call keeps what it measured
+        merged = {**kept, **done}  # written after every run: a cut-short call keeps what it measured
         rows = [merged[n] for n in VARIANTS if n in merged]
         out.mkdir(parents=True, exist_ok=True)
         (out / "levers.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lite_ft.allocator import configure as configure_allocator
+from lite_ft.allocator import configure as configure_allocator, release_free_heap
 from lite_ft.data.load import Split, fingerprint, load_splits
 from lite_ft.data.tasks import evaluate_timed, get_task
 from lite_ft.errors import DataError, OutOfMemory, WriteFailed
@@ -138,6 +138,7 @@ def _train_and_evaluate(job: _Job, task: Any, splits: tuple[Split, Split | None]
     with monitor:
         with monitor.phase("model_load"):
             built = build(recipe, job.placement, num_labels=num_labels, source_path=_source(recipe, dist))
+            release_free_heap()  # loading (quantizing above all) leaves freed weights in glibc's heap
         encoded = _encode(task, train_split, built, recipe)
         data_report = {"train": train_split.report(), "eval": eval_split.report() if eval_split else None}
         job.write_json("data_report.json", data_report)

@@ -1,5 +1,5 @@
-"""glibc set up for training (lite_ft.allocator): the mmap threshold glibc really applies, and the restart of the
-command with huge pages (once, same process id, not when opted out)."""
+"""glibc set up for training (lite_ft.allocator): the mmap threshold glibc really applies, free heap pages given
+back after loading, and the restart of the command with huge pages (once, same process id, not when opted out)."""
 from __future__ import annotations
 
 import os
@@ -51,10 +51,41 @@ def test_blocks_from_the_threshold_up_get_their_own_mapping() -> None:
     assert said.startswith("glibc mmap threshold 1 MiB") and mapped >= allocator.RELEASE_THRESHOLD
 
 
+_TRIM = """
+import ctypes, sys
+from lite_ft import allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+allocator.configure(release_memory=False)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks, pins = [], []
+for _ in range(256):  # 1 MiB blocks from the heap, each followed by one of 64 KiB that stays: nothing to trim at
+    blocks.append(libc.malloc(1 << 20))  # the top (64 KiB: above glibc's per-thread caches, so it comes from the
+    ctypes.memset(blocks[-1], 1, 1 << 20)  # top too, right after its block)
+    pins.append(libc.malloc(64 << 10))
+for b in blocks:
+    libc.free(ctypes.c_void_p(b))
+before = rss()  # the freed blocks are still resident
+released = allocator.release_free_heap()
+print(released, before - rss())
+"""
+
+
+@glibc
+def test_free_heap_pages_between_live_blocks_go_back_to_the_os() -> None:
+    """What run() does once the model is loaded: 256 MiB freed between live blocks stops counting in RSS."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-c", _TRIM], env=env, capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    assert out[0] == "True" and int(out[1]) > 200 << 20
+
+
 @glibc
 def test_opting_out_leaves_glibc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(allocator.OPT_OUT, "glibc")
     assert allocator.configure(release_memory=True) == "glibc default (LITE_FT_ALLOCATOR=glibc)"
+    assert not allocator.release_free_heap()
 
 
 _PROBE = ("import os, sys; from lite_ft import allocator; "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lite_ft.training.fused_ops import AttentionInput, AttentionShape, Mlp, Projection
+from lite_ft.training.fused_ops import AttentionInput, AttentionShape, Linear, Mlp, Projection
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer",)  # SmolLM2 and the tiny test models; others keep peft's path
 BASES = ("Linear", "Linear4bit", "Linear8bitLt")
@@ -92,7 +92,8 @@ def _lora_weights(projs: tuple[Projection, ...]) -> list[torch.Tensor]:
 def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor], parts: tuple, kwargs: dict[str, Any]
                   ) -> torch.Tensor:
-    """One decoder layer through the fused blocks: the attention kernel and o_proj are the model's own."""
+    """One decoder layer through the fused blocks: the attention kernel is the model's own; o_proj takes the fused
+    single-projection path when it is a fusable LoRA linear, else its own forward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attn_projs, mlp_projs = parts
@@ -106,7 +107,12 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     kernel = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, _eager(attn))
     out, _ = kernel(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
                     scaling=attn.scaling, **kwargs)
-    hidden = hidden + attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous())
+    out = out.reshape(*hidden.shape[:-1], -1).contiguous()
+    o_proj = projection(attn.o_proj)
+    if isinstance(o_proj, Projection):
+        hidden = hidden + Linear.apply(out, o_proj, o_proj.lora_a, o_proj.lora_b)
+    else:  # o_proj is not a LoRA target, or not one the blocks can take: the model's own module
+        hidden = hidden + attn.o_proj(out)
     norm = layer.post_attention_layernorm
     return hidden + Mlp.apply(hidden, norm.weight, norm.variance_epsilon, mlp_projs, *_lora_weights(mlp_projs))
 

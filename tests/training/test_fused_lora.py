@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict
 from lite_ft.model import build
 from lite_ft.plan.tracker import LiveBytes
 from lite_ft.recipe.load import load_recipe
-from lite_ft.training import fused_lora
+from lite_ft.training import fused_lora, fused_ops
 from lite_ft.training.loop import set_seed
 
 TOL = 1e-5
@@ -49,7 +49,7 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return out.loss.detach(), out.logits.detach(), grads
 
 
-def _assert_same(model: torch.nn.Module, vocab: int) -> None:
+def _assert_same(model: torch.nn.Module, vocab: int, projections: int = 7) -> None:
     batch = _batch(vocab)
     assert fused_lora.set_enabled(model, False) > 0
     ref_loss, ref_logits, ref_grads = _loss_and_grads(model, batch)
@@ -57,7 +57,7 @@ def _assert_same(model: torch.nn.Module, vocab: int) -> None:
     loss, logits, grads = _loss_and_grads(model, batch)
     assert torch.allclose(loss, ref_loss, rtol=TOL, atol=TOL)
     assert torch.allclose(logits, ref_logits, rtol=TOL, atol=TOL)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 28  # 2 layers x 7 projections x (A, B)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * projections * 2  # 2 layers x projections x (A, B)
     for name in grads:
         assert ref_grads[name].abs().max() > 0, name  # every adapter weight is really exercised
         assert torch.allclose(grads[name], ref_grads[name], rtol=TOL, atol=TOL), name
@@ -73,6 +73,35 @@ def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method
         kinds = {type(m).__name__ for m in built.model.modules()}
         assert ("Linear4bit" if quantization == "4bit" else "Linear8bitLt") in kinds
     _assert_same(built.model, len(built.tokenizer))
+
+
+def test_fused_blocks_with_o_proj_left_out(make_doc: Callable[..., dict[str, Any]]) -> None:
+    """o_proj not among the targets: it runs as the model's own Linear inside the fused layer, same result."""
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    built = _built(make_doc, "qlora", model={"quantization": "4bit"},
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets})
+    assert built.fused_lora == "on: 2 of 2 decoder layers"
+    _assert_same(built.model, len(built.tokenizer), projections=6)
+
+
+@pytest.mark.parametrize("quant_type, nested, dtype", [("nf4", True, torch.float32), ("nf4", False, torch.bfloat16),
+                                                       ("fp4", True, torch.float16)])
+def test_scratch_dequantize_is_bitsandbytes_and_reuses_its_buffer(quant_type: str, nested: bool, dtype: torch.dtype,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes.functional as bnbf
+
+    monkeypatch.setattr(fused_ops, "CODES_PER_PASS", 320)  # 1,536 packed bytes a weight: 5 passes, the last short
+    scratch = fused_ops.WeightScratch()
+    gen = torch.Generator().manual_seed(0)
+    made = []
+    for shape in ((48, 64), (64, 48), (48, 64)):
+        w = torch.randn(shape, generator=gen).to(dtype)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+        assert fused_ops.WeightScratch.fits(state)
+        got = scratch.dequantize_4bit(packed, state)
+        assert got.dtype == dtype and torch.equal(got, bnbf.dequantize_4bit(packed, state))
+        made.append(got.data_ptr())
+    assert made[0] == made[2] != made[1]  # one buffer per shape, the same one on every call
 
 
 def _qlora(make_doc: Callable[..., dict[str, Any]]) -> Any:
