@@ -40,6 +40,10 @@ def _glibc_linux() -> bool:
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tuned() -> bool:
     """Whether lite-ft sets glibc up here (Linux with glibc, and not opted out)."""
     return _glibc_linux() and os.environ.get(OPT_OUT, "").lower() != "glibc"
@@ -94,8 +98,7 @@ def set_mmap_threshold(threshold: int) -> bool:
     """mallopt(M_MMAP_THRESHOLD): blocks from `threshold` bytes up get their own mapping (and glibc stops moving the
     threshold). False when glibc refused or is not there."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+        return _libc().mallopt(_M_MMAP_THRESHOLD, threshold) == 1
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 
@@ -108,6 +111,6 @@ def release_free_heap() -> bool:
     if not tuned():
         return False
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0) == 1
+        return _libc().malloc_trim(0) == 1
     except (OSError, AttributeError):
         return False

@@ -65,8 +65,10 @@ def projection(module: torch.nn.Module) -> Projection | str:
                       scale=float(module.scaling[name]))
 
 
-def layer_parts(layer: torch.nn.Module) -> tuple[tuple[Projection, ...], tuple[Projection, ...]] | str:
-    """(q/k/v projections, gate/up/down projections) of a decoder layer, or why it cannot be fused."""
+def layer_parts(layer: torch.nn.Module
+                ) -> tuple[tuple[Projection, ...], Projection | None, tuple[Projection, ...]] | str:
+    """(q/k/v projections, o_proj or None, gate/up/down projections) of a decoder layer, or why it cannot be fused.
+    o_proj is None when it is not a LoRA target or not one the blocks can take: it then runs as its own module."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return "no self_attn / mlp"
@@ -82,7 +84,9 @@ def layer_parts(layer: torch.nn.Module) -> tuple[tuple[Projection, ...], tuple[P
             found[name] = part
     if len({found[n].lora_a.dtype for n in ATTENTION}) > 1 or len({found[n].lora_a.dtype for n in MLP}) > 1:
         return "adapters of one block in different dtypes"
-    return tuple(found[n] for n in ATTENTION), tuple(found[n] for n in MLP)
+    o_proj = projection(getattr(attn, "o_proj", None) or torch.nn.Module())
+    return (tuple(found[n] for n in ATTENTION), o_proj if isinstance(o_proj, Projection) else None,
+            tuple(found[n] for n in MLP))
 
 
 def _lora_weights(projs: tuple[Projection, ...]) -> list[torch.Tensor]:
@@ -96,7 +100,7 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     single-projection path when it is a fusable LoRA linear, else its own forward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    attn_projs, mlp_projs = parts
+    attn_projs, o_proj, mlp_projs = parts
     attn = layer.self_attn
     cfg = attn.config
     shape = AttentionShape(heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=attn.head_dim,
@@ -108,11 +112,10 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     out, _ = kernel(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
                     scaling=attn.scaling, **kwargs)
     out = out.reshape(*hidden.shape[:-1], -1).contiguous()
-    o_proj = projection(attn.o_proj)
-    if isinstance(o_proj, Projection):
-        hidden = hidden + Linear.apply(out, o_proj, o_proj.lora_a, o_proj.lora_b)
-    else:  # o_proj is not a LoRA target, or not one the blocks can take: the model's own module
+    if o_proj is None:
         hidden = hidden + attn.o_proj(out)
+    else:
+        hidden = hidden + Linear.apply(out, o_proj, o_proj.lora_a, o_proj.lora_b)
     norm = layer.post_attention_layernorm
     return hidden + Mlp.apply(hidden, norm.weight, norm.variance_epsilon, mlp_projs, *_lora_weights(mlp_projs))
 

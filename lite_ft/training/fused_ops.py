@@ -15,6 +15,7 @@ SmolLM2-135M in fp32: see benchmarks/results/levers-cpu/saved_bytes.md.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,7 @@ class WeightScratch:
     @staticmethod
     def fits(state: Any) -> bool:
         """Whether dequantize_4bit can handle this weight: whole blocks of an even number of values."""
-        numel = 1
-        for n in state.shape:
-            numel *= n
+        numel = math.prod(state.shape)
         return numel % 2 == 0 and numel % state.blocksize == 0
 
     def dequantize_4bit(self, packed: torch.Tensor, state: Any) -> torch.Tensor:
