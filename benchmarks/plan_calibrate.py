@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from plan_accuracy import OUT, overrides_of
+from plan_accuracy import OUT, measured_medians, overrides_of
 
 from lite_ft.plan import predict as predictor
 from lite_ft.plan import speed
@@ -69,7 +69,8 @@ def main() -> None:
     speed.STEP_OVERHEAD = {key: 1.0 for key in speed.STEP_OVERHEAD}
     rows: dict[str, Any] = {}
     for name in names:
-        measured = record["measured"][name]
+        measured = dict(record["measured"][name])
+        measured["max_rss_mib"], measured["seconds_per_step"] = measured_medians(record, name)
         with tempfile.TemporaryDirectory() as tmp:
             recipe_path, over = overrides_of(name, Path(tmp) / "run")
             recipe = load_recipe(recipe_path, over)

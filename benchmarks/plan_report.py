@@ -18,8 +18,8 @@ def _row(name: str, r: dict[str, Any], calibrated: set[str]) -> str:
             spread += f"; {min(secs):.2f}-{max(secs):.2f} s/step"
     role = "calibration" if name in calibrated else "held out"
     return (f"| {name} | {role} | {lmb['rows']}x{lmb['width']} @ step {lmb['first_at_step']} | {p['peak_mib']:,.0f} | "
-            f"{m['max_rss_mib']:,.0f} | {r['peak_error_pct']:+.1f}% | {spread} | {r.get('predicted_s_per_step', p['seconds_per_step']):.2f} | "
-            f"{m['seconds_per_step']:.2f} | {r['speed_error_pct']:+.1f}% | {m['steps']} |")
+            f"{r['measured_mib']:,.0f} | {r['peak_error_pct']:+.1f}% | {spread} | {r.get('predicted_s_per_step', p['seconds_per_step']):.2f} | "
+            f"{r['measured_s_per_step']:.2f} | {r['speed_error_pct']:+.1f}% | {m['steps']} |")
 
 
 def write_report(record: dict[str, Any], out: Path) -> None:
@@ -32,7 +32,8 @@ def write_report(record: dict[str, Any], out: Path) -> None:
     speed_err = [abs(results[n]["speed_error_pct"]) for n in names]
     lines = ["# lite-ft plan: predicted vs measured on this CPU", "",
              ("Measured peak: the `lite-ft run` child's max RSS from the kernel (os.wait4). Measured s/step: mean of "
-             "steps 2.. of train_log.jsonl; predicted s/step: the plan's seconds per real token times the real "
+             "steps 2.. of train_log.jsonl. Both the median of a configuration's runs where it ran more than once "
+             "(spread column). Predicted s/step: the plan's seconds per real token times the real "
              "tokens of those steps (step 1, left out as warm-up, may be the run's longest). Sorted by the size of "
              "the peak error, worst first."), "",
              (f"- configurations: {len(names)}; within +/-10% peak: {sum(e <= 10 for e in peak_err)}, within "
@@ -61,7 +62,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r["measured"]["max_rss_mib"] for r in results.values()]
+    measured = [r["measured_mib"] for r in results.values()]
     predicted = [r["predicted"]["peak_mib"] for r in results.values()]
     top = max(measured + predicted) * 1.1
     fig, ax = plt.subplots(figsize=(7, 6))

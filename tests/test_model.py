@@ -2,6 +2,8 @@
 and 8-bit bases), full fine-tuning moves the base, and the reported figures are right."""
 from __future__ import annotations
 
+import gc
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +98,24 @@ def test_qlora_builds_on_the_cpu_with_4bit_layers(make_doc: Callable[..., dict[s
     moved = changed(before, snapshot(b.model))
     assert moved and all("lora_" in n for n in moved), moved
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_quantized_base_leaves_its_weights_file(make_doc: Callable[..., dict[str, Any]], tiny_llama_dir: Path,
+                                                  tmp_path: Path, quantization: str) -> None:
+    """Once quantized, nothing maps the float weights file any more: its pages would stay in the resident set."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)  # a path no other test's model maps
+    weights = str(folder / "model.safetensors")
+    doc = make_doc("qa", "lora", model={"source": str(folder), "quantization": quantization})
+    b = build(load_recipe(document=doc))
+    gc.collect()
+    assert weights not in Path("/proc/self/maps").read_text(encoding="utf-8")
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert weights in Path("/proc/self/maps").read_text(encoding="utf-8")  # what the check would see without it
+    torch.testing.assert_close(b.model.get_input_embeddings().weight, reference.get_input_embeddings().weight,
+                               rtol=0, atol=0)
 
 
 def test_lora_on_an_8bit_base(make_doc: Callable[..., dict[str, Any]], tmp_path: Path) -> None:

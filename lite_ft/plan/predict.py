@@ -54,13 +54,15 @@ from lite_ft.sources.resolve import resolve_source
 # threshold moves up to 32 MiB and nearly every activation lives in the heap (those factors were measured before
 # lite_ft.allocator, on another machine). A best-fit simulation of the heap over the replay's allocation trace came
 # out at about half the measured excess, so the factors are measured, not simulated. "quantized": QLoRA and LoRA
-# over an 8-bit base (bitsandbytes' dequantized weights pass through the heap in every layer).
+# over an 8-bit base; its 4 MiB factor fell from 1.97 to 1.52 (the adapters' 1.43) once the quantized model stopped
+# mapping its float weights file (lite_ft.model.own_unquantized_weights): 300-400 MiB of the 1.97 were that file.
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
-        ("mmap 4 MiB", "full"): 0.70, ("mmap 4 MiB", "adapters"): 1.43, ("mmap 4 MiB", "quantized"): 1.97,
+        ("mmap 4 MiB", "full"): 0.70, ("mmap 4 MiB", "adapters"): 1.43, ("mmap 4 MiB", "quantized"): 1.52,
         ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.06, ("mmap 1 MiB", "quantized"): 1.0}
 CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.19, ("mmap 4 MiB", "adapters"): 1.50}
 # mmap rows fitted 2026-12-07 on a 2-core AMD EPYC (Zen 4), refitted at 03:28 UTC after the reused dequantization
-# buffers and the heap trim after loading (quantized and lora-b8-l384 measured again); at 1 MiB only adapters were
+# buffers and the heap trim after loading (quantized and lora-b8-l384 measured again), quantized again at 06:15 UTC
+# once the weights file was let go (medians of 3 runs); at 1 MiB only adapters were
 # measured (one run), the other 1 MiB families and checkpointing under 1 MiB or with a quantized base are not
 # measured (neutral values)
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here

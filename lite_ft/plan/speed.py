@@ -17,8 +17,9 @@ from lite_ft.sources.catalog import cache_dir
 # A training step's measured seconds over the sum of its ops' isolated timings (lite_ft.plan.op_times), per method:
 # page faults of fresh mappings, caches shared between ops, the autograd engine and Python between ops.
 # Fitted by benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration.md).
-STEP_OVERHEAD = {"full": 0.99, "lora": 0.85, "qlora": 1.01, "lora-8bit": 0.76}  # fitted 2026-12-07, 2-core AMD EPYC
-# (lora, qlora and lora-8bit refitted at 03:28 UTC after the reused dequantization buffers); under 1 where a real
+STEP_OVERHEAD = {"full": 0.99, "lora": 0.85, "qlora": 0.93, "lora-8bit": 0.74}  # fitted 2026-12-07, 2-core AMD EPYC
+# (lora, qlora and lora-8bit refitted at 03:28 UTC after the reused dequantization buffers, qlora and lora-8bit at
+# 06:15 on the median of 3 runs each: 4.51-5.47 and 4.55-6.95 s a step); under 1 where a real
 # step ran faster than its ops timed one by one (why was not isolated). This VM's speed varied by up to 2x within
 # minutes while they were measured (README, plan accuracy): they carry that noise
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
