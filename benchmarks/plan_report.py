@@ -18,7 +18,8 @@ def _row(name: str, r: dict[str, Any], calibrated: set[str]) -> str:
             spread += f"; {min(secs):.2f}-{max(secs):.2f} s/step"
     role = "calibration" if name in calibrated else "held out"
     return (f"| {name} | {role} | {lmb['rows']}x{lmb['width']} @ step {lmb['first_at_step']} | {p['peak_mib']:,.0f} | "
-            f"{r['measured_mib']:,.0f} | {r['peak_error_pct']:+.1f}% | {spread} | {r.get('predicted_s_per_step', p['seconds_per_step']):.2f} | "
+            f"{r['measured_mib']:,.0f} | {r['peak_error_pct']:+.1f}% | {spread} | "
+            f"{r.get('predicted_s_per_step', p['seconds_per_step']):.2f} | "
             f"{r['measured_s_per_step']:.2f} | {r['speed_error_pct']:+.1f}% | {m['steps']} |")
 
 

@@ -101,21 +101,31 @@ def test_qlora_builds_on_the_cpu_with_4bit_layers(make_doc: Callable[..., dict[s
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings (Linux)")
-@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+@pytest.mark.parametrize("task, quantization", [("qa", "4bit"), ("qa", "8bit"), ("classification", "4bit")])
 def test_a_quantized_base_leaves_its_weights_file(make_doc: Callable[..., dict[str, Any]], tiny_llama_dir: Path,
-                                                  tmp_path: Path, quantization: str) -> None:
-    """Once quantized, nothing maps the float weights file any more: its pages would stay in the resident set."""
+                                                  tmp_path: Path, task: str, quantization: str) -> None:
+    """Once quantized, nothing maps the float weights file any more (its pages would stay in the resident set), the
+    weights kept are the file's, tied ones stay tied, and peft's trained copy of a head is not a view of the block."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, folder)  # a path no other test's model maps
     weights = str(folder / "model.safetensors")
-    doc = make_doc("qa", "lora", model={"source": str(folder), "quantization": quantization})
-    b = build(load_recipe(document=doc))
+    recipe = load_recipe(document=make_doc(task, "lora", model={"source": str(folder), "quantization": quantization}))
+    b = build(recipe, num_labels=2 if task == "classification" else None)
     gc.collect()
     assert weights not in Path("/proc/self/maps").read_text(encoding="utf-8")
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert weights in Path("/proc/self/maps").read_text(encoding="utf-8")  # what the check would see without it
-    torch.testing.assert_close(b.model.get_input_embeddings().weight, reference.get_input_embeddings().weight,
-                               rtol=0, atol=0)
+    kept = {n.removeprefix("base_model.model."): p for n, p in b.model.named_parameters()
+            if "norm" in n or "embed" in n}
+    expected = {n: p for n, p in reference.named_parameters() if n in kept}
+    assert kept.keys() == expected.keys() and len(kept) == 2 * N_LAYERS + 2  # the embedding and every norm
+    for name, param in kept.items():
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=0)
+    if reference.config.tie_word_embeddings and task == "qa":
+        assert b.model.get_input_embeddings().weight is b.model.get_output_embeddings().weight
+    heads = [p for n, p in b.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(heads) == (1 if task == "classification" else 0)  # peft's trained copy of the score head (no bias)
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in heads)
 
 
 def test_lora_on_an_8bit_base(make_doc: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
