@@ -155,7 +155,7 @@ def own_unquantized_weights(model: torch.nn.Module) -> int:
             groups.setdefault(tensor.dtype, []).append(tensor)
     copied = 0
     # One block per dtype, not a copy per tensor: copied one by one, the norms landed in glibc's heap and QLoRA's steps
-    # took a median 1.12x as long in 7 runs of each (README, speed); the block measured 1.03x, within noise.
+    # took a median 1.12x as long in 7 runs of each (README, speed); with the block 0.93-1.03x in 4, within noise.
     for dtype, tensors in groups.items():
         align = max(64 // tensors[0].element_size(), 1)  # elements: each tensor starts on a 64-byte boundary
         sizes = [-(-t.numel() // align) * align for t in tensors]
