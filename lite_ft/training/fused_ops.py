@@ -155,6 +155,12 @@ def _rms_backward(grad_y: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, weig
     return grad_x.to(x.dtype), grad_w
 
 
+def _lora_a_out(y: torch.Tensor, projs: tuple[Projection, ...]) -> torch.Tensor:
+    """y times the LoRA-A of every projection, stacked: one matmul for the projections that share the input y."""
+    a = projs[0].lora_a if len(projs) == 1 else torch.cat([p.lora_a for p in projs], dim=0)
+    return y.to(a.dtype) @ a.t()
+
+
 def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor) -> list[torch.Tensor]:
     """Base + scaled LoRA output of each projection of the shared input y; a_out is y times the stacked LoRA-A."""
     outs, start = [], 0
@@ -211,7 +217,7 @@ class AttentionInput(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, inv = _rms(x, shape.eps)
         y = norm_w * n.to(x.dtype)
-        a_out = y.to(projs[0].lora_a.dtype) @ torch.cat([p.lora_a for p in projs], dim=0).t()
+        a_out = _lora_a_out(y, projs)
         q, k, v = _project(y, projs, a_out)
         b, t = x.shape[:2]
         q = q.view(b, t, shape.heads, shape.head_dim).transpose(1, 2)
@@ -248,10 +254,10 @@ class Mlp(torch.autograd.Function):
         n, inv = _rms(x, eps)
         y = norm_w * n.to(x.dtype)
         gate_up, down = projs[:2], projs[2]
-        a_out = y.to(gate_up[0].lora_a.dtype) @ torch.cat([p.lora_a for p in gate_up], dim=0).t()
+        a_out = _lora_a_out(y, gate_up)
         gate, up = _project(y, gate_up, a_out)
         h = F.silu(gate) * up
-        a_down = h.to(down.lora_a.dtype) @ down.lora_a.t()
+        a_down = _lora_a_out(h, (down,))
         (out,) = _project(h, (down,), a_down)
         ctx.save_for_backward(x, inv, a_out, gate, up, a_down, norm_w)
         ctx.projs, ctx.eps = projs, eps
@@ -282,7 +288,7 @@ class Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, proj: Projection, *lora: torch.Tensor) -> torch.Tensor:
-        a_out = x.to(proj.lora_a.dtype) @ proj.lora_a.t()
+        a_out = _lora_a_out(x, (proj,))
         (out,) = _project(x, (proj,), a_out)
         ctx.save_for_backward(x, a_out)
         ctx.proj = proj

@@ -185,6 +185,7 @@ def test_streamed_and_in_memory_merges_write_the_same_tensors(tiny_run: Path, tm
     monkeypatch.setattr(llama_cpp, "version", lambda: None)
     streamed = merge(tiny_run, tmp_path / "streamed", fmt="gguf", gguf_type="f32")
     in_memory = merge(tiny_run, tmp_path / "in-memory", fmt="gguf", gguf_type="f32", strategy="in-memory")
+    assert streamed["merge_strategy"].startswith("streaming LoRA merge into GGUF")
     assert "not streamed: the in-memory merge was requested" in in_memory["merge_strategy"]
     # (which one peaks lower is test_streaming's peak-memory test, in a fresh process on a 256 MiB model: here the
     # worker's RSS is the whole suite's so far, and a tiny model's merge moves it by under 2 MiB either way)

@@ -174,9 +174,9 @@ def test_a_process_leaves_the_group_after_a_run_and_can_join_again(tmp_path: Pat
 def rank_pids(launcher: subprocess.Popen, n: int) -> list[int]:
     deadline = time.time() + 60
     while time.time() < deadline:
-        children = psutil.Process(launcher.pid).children()
-        if len(children) >= n:
-            ranks = {int(c.environ().get("RANK", -1)): c.pid for c in children}
+        # a child just forked and not yet exec'd still shows its parent's environment (no RANK): look again
+        ranks = {int(c.environ().get("RANK", -1)): c.pid for c in psutil.Process(launcher.pid).children()}
+        if all(r in ranks for r in range(n)):
             return [ranks[r] for r in range(n)]
         time.sleep(0.1)
     raise AssertionError("the ranks did not start")
