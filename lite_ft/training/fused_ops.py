@@ -58,7 +58,7 @@ class WeightScratch:
     heap. Measured on SmolLM2 QLoRA, SQuAD batch 8, 4 steps, one thread: peak RSS 4,119 / 4,206 MiB with these
     buffers against 4,421 / 4,506 with fresh weights, the same losses and step times. bitsandbytes' CPU
     dequantize has no out= kernel, so the 4-bit one is written here with torch ops into the buffer (bit-identical
-    to bitsandbytes'; tested). CUDA's caching allocator already reuses blocks: not used there."""
+    to bitsandbytes' flat read of the codes; tested). CUDA's caching allocator already reuses blocks: not used there."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}

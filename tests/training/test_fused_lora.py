@@ -99,9 +99,9 @@ def test_scratch_dequantize_is_bitsandbytes_and_reuses_its_buffer(quant_type: st
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested)
         assert fused_ops.WeightScratch.fits(state)
         got = scratch.dequantize_4bit(packed, state)
-        # bitsandbytes quantizes the values flat, in blocks that may straddle rows; its CPU kernel (0.50.2) reads
-        # a (64, 48) weight block by row and gets it wrong (mean error 0.16 against 0.07), so the reference is its
-        # dequantization of the same codes read as one flat row
+        # bitsandbytes quantizes the values flat, in blocks that may straddle rows; its CPU kernel (0.49.2 and
+        # 0.50.2, on an AVX512 CPU) reads a (64, 48) weight block by row and gets it wrong (mean error 0.16
+        # against 0.07), so the reference is its dequantization of the same codes read as one flat row
         flat = copy.copy(state)
         flat.shape = torch.Size([state.shape.numel()])
         assert got.dtype == dtype and torch.equal(got.view(-1), bnbf.dequantize_4bit(packed, flat).view(-1))
