@@ -166,8 +166,8 @@ def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor
     outs, start = [], 0
     for p in projs:
         r = p.lora_a.shape[0]
-        lora = (a_out[..., start:start + r] @ p.lora_b.t()) * p.scale
-        outs.append(F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype)) + lora.to(y.dtype))
+        lora = (a_out[..., start:start + r] @ p.lora_b.t()).mul_(p.scale)  # in place: no fresh tokens x out
+        outs.append(F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype)).add_(lora.to(y.dtype)))
         start += r
     return outs
 
@@ -256,7 +256,7 @@ class Mlp(torch.autograd.Function):
         gate_up, down = projs[:2], projs[2]
         a_out = _lora_a_out(y, gate_up)
         gate, up = _project(y, gate_up, a_out)
-        h = F.silu(gate) * up
+        h = F.silu(gate).mul_(up)
         a_down = _lora_a_out(h, (down,))
         (out,) = _project(h, (down,), a_down)
         ctx.save_for_backward(x, inv, a_out, gate, up, a_down, norm_w)
@@ -271,9 +271,10 @@ class Mlp(torch.autograd.Function):
         act = gate * sig
         h = act * up  # recomputed: cheaper than keeping 2 more (tokens x intermediate) tensors per layer
         grad_h, (grad_ad,), (grad_bd,) = _project_backward(h, (down,), a_down, [grad_out])
-        del h
-        grad_up = grad_h * act
-        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
+        # in place, same order, same bits: a fresh tokens x intermediate tensor is a new mapping to fault in (~5 ms)
+        grad_up = torch.mul(grad_h, act, out=h)
+        one_minus = torch.neg(sig, out=act).add_(1)
+        grad_gate = grad_h.mul_(up).mul_(sig).mul_(one_minus.mul_(gate).add_(1))  # * (1 + gate * (1 - sig))
         y = norm_w * (x.float() * inv).to(x.dtype)
         grad_y, grad_as, grad_bs = _project_backward(y, gate_up, a_out, [grad_gate, grad_up])
         grad_x, grad_w = _rms_backward(grad_y, x, inv, norm_w, ctx.needs_input_grad[1])
