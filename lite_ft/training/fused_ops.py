@@ -9,9 +9,8 @@ Two autograd Functions, each starting from the layer's residual stream (its RMSN
 
 The LoRA-A/B weights are peft's own parameters, passed in as inputs so autograd fills their .grad as usual. Frozen
 base weights are read from the module in forward and again in backward: 4-bit NF4 and LLM.int8 weights are
-dequantized on the fly, into buffers reused across calls on the CPU (WeightScratch), and never kept. A third
-Function (Linear) takes a single projection, the attention's o_proj, the same way. Memory, per token and layer of
-SmolLM2-135M in fp32: see benchmarks/results/levers-cpu/saved_bytes.md.
+dequantized on the fly into buffers reused across calls on the CPU (WeightScratch), never kept. A third Function
+(Linear) takes the attention's o_proj the same way. Saved bytes: benchmarks/results/levers-cpu/saved_bytes.md.
 """
 from __future__ import annotations
 
@@ -177,12 +176,13 @@ def _project_backward(y: torch.Tensor, projs: tuple[Projection, ...], a_out: tor
     """Gradient for y, and for each projection's LoRA-A and LoRA-B, given the gradient of each output."""
     flat_y = y.reshape(-1, y.shape[-1]).to(a_out.dtype)
     flat_a = a_out.reshape(-1, a_out.shape[-1])
-    grad_y = torch.zeros_like(y)
+    grad_y = None  # the first projection's product starts the sum (no zero-filled tokens x in tensor first)
     grad_a_out, grad_bs, start = [], [], 0
     for p, g in zip(projs, grads):
         r = p.lora_a.shape[0]
         g2 = g.reshape(-1, g.shape[-1])
-        grad_y.add_((g2 @ dense_weight(p.base, g.dtype)).view_as(y))
+        product = (g2 @ dense_weight(p.base, g.dtype)).view_as(y).to(y.dtype)
+        grad_y = product if grad_y is None else grad_y.add_(product)
         gs = g2.to(a_out.dtype) * p.scale
         grad_bs.append(gs.t() @ flat_a[:, start:start + r])
         grad_a_out.append(gs @ p.lora_b)
