@@ -10,6 +10,7 @@ Writes levers.json and levers.md into --out.
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import subprocess
@@ -25,22 +26,32 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> (what changes, recipe overrides, environment variables)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "defaults": ("lite-ft's defaults: fused LoRA blocks, length-grouped batches, SDPA attention, loss on labelled "
-                 "positions only, one thread per core, glibc mmap threshold 4 MiB on transparent huge pages "
-                 "(lite_ft.allocator)", [], {}),
+                 "positions only, one thread per core, jemalloc (its own settings) where the system has it, else glibc "
+                 "mmap threshold 4 MiB on transparent huge pages (lite_ft.allocator)", [], {}),
+    "glibc tuned": ("lite-ft's glibc setup instead of jemalloc (LITE_FT_ALLOCATOR=glibc-tuned): mmap threshold "
+                    "4 MiB, transparent huge pages", [], {"LITE_FT_ALLOCATOR": "glibc-tuned"}),
+    "tcmalloc": ("gperftools' tcmalloc preloaded (LD_PRELOAD=libtcmalloc_minimal.so.4) instead of jemalloc", [],
+                 {"LD_PRELOAD": ctypes.util.find_library("tcmalloc_minimal") or "libtcmalloc_minimal.so.4"}),
+    "jemalloc decay off": ("jemalloc keeping every freed page for reuse (MALLOC_CONF=dirty_decay_ms:-1,"
+                           "muzzy_decay_ms:-1) instead of its own 10 s decay", [],
+                           {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
     "glibc defaults": ("glibc's allocator as it comes (LITE_FT_ALLOCATOR=glibc): its mmap threshold moves up to "
                        "32 MiB, 4 KiB pages", [], {"LITE_FT_ALLOCATOR": "glibc"}),
-    "no huge pages": ("mmap threshold 4 MiB, 4 KiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=0)", [],
-                      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}),
+    "no huge pages": ("glibc, mmap threshold 4 MiB, 4 KiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=0)", [],
+                      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LITE_FT_ALLOCATOR": "glibc-tuned"}),
     "fused_lora off": ("train.fused_lora: false: peft's own LoRA forward, autograd's saved tensors",
                        ["train.fused_lora=false"], {}),
     "no length grouping": ("random batches padded to their longest example", ["train.group_by_length=false"], {}),
     "eager attention": ("attention as plain matmul + softmax instead of fused SDPA", ["model.attention=eager"], {}),
-    "release memory": ("train.release_memory: mmap threshold 1 MiB, nearly every tensor on its own mapping",
+    "release memory": ("train.release_memory: freed memory goes back to the OS at once (jemalloc: decay 0; glibc: "
+                       "mmap threshold 1 MiB)",
                        ["train.release_memory=true"], {}),
     **{f"mmap threshold {mib} MiB": (f"glibc mmap threshold {mib} MiB instead of 4 (GLIBC_TUNABLES), huge pages",
-                                     [], {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={mib << 20}"})
+                                     [], {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={mib << 20}",
+                                          "LITE_FT_ALLOCATOR": "glibc-tuned"})
        for mib in (2, 8, 16)},
-    "arena max 1": ("one glibc malloc arena for all threads (MALLOC_ARENA_MAX=1)", [], {"MALLOC_ARENA_MAX": "1"}),
+    "arena max 1": ("one glibc malloc arena for all threads (MALLOC_ARENA_MAX=1)", [],
+                    {"MALLOC_ARENA_MAX": "1", "LITE_FT_ALLOCATOR": "glibc-tuned"}),
     "thread affinity": ("OpenMP threads pinned one per core (OMP_PROC_BIND=close, OMP_PLACES=cores)", [],
                         {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}),
     "gradient checkpointing": ("activations recomputed in the backward pass", ["train.gradient_checkpointing=true"],

@@ -5,8 +5,9 @@
   excess = (HEAP + CHECKPOINTED) x transient on those with it, where excess is the measured max RSS less every
   static predicted part (runtime, weights, adapter, gradients, optimizer state) and transient the replay's live
   peak of the longest micro-batch;
-- STEP_OVERHEAD (lite_ft.plan.speed): per method, the median of measured seconds per step over the plan's sum of
-  the step's ops timed in isolation (lite_ft.plan.op_times), both for the tokens of the timed steps.
+- STEP_OVERHEAD and STEP_OVERHEAD_JEMALLOC (lite_ft.plan.speed): per allocator and method, the median of measured
+  seconds per step over the plan's sum of the step's ops timed in isolation (lite_ft.plan.op_times), both for the
+  tokens of the timed steps.
 
 Runs the predictor in this one process (no weights are loaded), with the constants neutral (HEAP 1, CHECKPOINTED 0,
 STEP_OVERHEAD 1), and writes calibration.json and calibration.md next to the results. The constants in the code are
@@ -67,6 +68,7 @@ def main() -> None:
     predictor.HEAP = {key: 1.0 for key in predictor.HEAP}  # neutral: the constants are what is measured here
     predictor.CHECKPOINTED = {key: 0.0 for key in predictor.CHECKPOINTED}
     speed.STEP_OVERHEAD = {key: 1.0 for key in speed.STEP_OVERHEAD}
+    speed.STEP_OVERHEAD_JEMALLOC = {key: 1.0 for key in speed.STEP_OVERHEAD_JEMALLOC}
     rows: dict[str, Any] = {}
     for name in names:
         measured = dict(record["measured"][name])
@@ -99,8 +101,11 @@ def main() -> None:
                       "ops_seconds": plan["step_time"]}
         print(name, json.dumps({k: v for k, v in rows[name].items() if isinstance(v, float)}), flush=True)
     heap, checkpointed = fit_allocator(rows)
-    step_overhead = {m: statistics.median(r["step_overhead"] for r in rows.values() if r["method"] == m)
-           for m in {r["method"] for r in rows.values()}}
+    # per allocator and method (STEP_OVERHEAD for glibc's fixed threshold, STEP_OVERHEAD_JEMALLOC)
+    groups = {(r["allocator"].split(",")[0], r["method"]) for r in rows.values()}
+    step_overhead = {f"{a}/{m}": statistics.median(r["step_overhead"] for r in rows.values()
+                                                    if (r["allocator"].split(",")[0], r["method"]) == (a, m))
+                     for a, m in groups}
     (OUT / "calibration.json").write_text(json.dumps({"rows": rows, "heap": heap, "checkpointed": checkpointed,
                                                       "step_overhead": step_overhead}, indent=2))
     lines = ["# lite-ft plan: the CPU constants, measured", "",

@@ -1,23 +1,27 @@
-"""glibc's allocator, set up for training on a Linux CPU: large tensors on their own mappings, on huge pages, and
-the heap trimmed once the model is loaded.
+"""The CPU allocator for training on Linux: jemalloc where the system has it, else glibc set up for training.
 
-By default glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which nearly
-every activation tensor comes from its heap; the heap fragments within a step and never shrinks, so resident memory
-ends well above what the live tensors need (about 1.5x for SmolLM2 LoRA on SQuAD batches). lite-ft changes three
-things, measured in benchmarks/results/levers-cpu (the README's speed section has the table):
+A training step allocates and frees gigabytes of activations. Where each freed block goes decides both the speed
+and the resident memory, measured in benchmarks/results/levers-cpu/allocator-steady.md:
+- glibc as it comes raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which nearly
+  every activation comes from its heap: fast once warm, but the heap fragments and never shrinks (about 1.4x the
+  resident memory of the other settings for SmolLM2 LoRA on SQuAD batches);
+- lite-ft's glibc setup fixes the mmap threshold (`mallopt`, MMAP_THRESHOLD; `train.release_memory` lowers it to
+  RELEASE_THRESHOLD): tensors from there up get their own mapping, returned to the OS when freed, on transparent
+  huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), and the heap is trimmed once the model is loaded. Low
+  resident memory, but every large tensor of every step is a fresh mapping the kernel must fault in and zero:
+  about a third of a steady SmolLM2 LoRA step went to that;
+- jemalloc (`LD_PRELOAD`, its own settings) keeps freed extents for reuse in size classes and gives unused pages
+  back after a delay (10 s by default): about the speed of the glibc setup at 0.85-0.91x its peak. With its page
+  decay off (`MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`, yours to set) steps of one shape ran 1.18-1.28x
+  faster, but resident memory grew over a long run of varied shapes (100 steps of batch 1: 3,945 against 1,369 MiB),
+  so lite-ft leaves jemalloc's defaults.
 
-- the mmap threshold is fixed (`mallopt`, when a run starts: any caller gets it): tensors from MMAP_THRESHOLD up get
-  their own mapping, returned to the OS when freed. `train.release_memory` lowers it to RELEASE_THRESHOLD.
-- glibc backs its memory with transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), which makes the
-  fresh pages of a new mapping 512x fewer faults. glibc reads tunables only when a process starts, so the `lite-ft`
-  command sets the variable and starts itself again (exec: the same process id, before anything is loaded). A
-  library caller sets it in the environment before starting Python.
-
-- once the model is loaded, the heap's free pages go back to the OS (`malloc_trim`, release_free_heap): quantizing
-  on load frees the full-precision weights into the heap, and training reused only part of them.
-
-`LITE_FT_ALLOCATOR=glibc` leaves glibc as it is (all three). What was set goes into metrics.json
-(`train.allocator`).
+So the `lite-ft` command starts itself again once, before anything is loaded (exec: the same process id), with
+jemalloc preloaded when the system has it (`apt install libjemalloc2`, `conda install jemalloc`), else with glibc's
+huge-pages tunable (glibc reads tunables only when a process starts). A library caller sets these in the
+environment before starting Python. `LITE_FT_ALLOCATOR` chooses: `auto` (the default, as above), `jemalloc` (stop
+if it is missing), `glibc-tuned` (lite-ft's glibc setup even where jemalloc is present) or `glibc` (glibc as it
+comes). What a run got goes into metrics.json (`train.allocator`).
 """
 from __future__ import annotations
 
@@ -27,12 +31,16 @@ import functools
 import os
 import platform
 import sys
+from pathlib import Path
 
 MMAP_THRESHOLD = 4 << 20  # bytes: tensors from 4 MiB up get their own mapping (the default)
 RELEASE_THRESHOLD = 1 << 20  # bytes: train.release_memory, nearly every activation on its own mapping
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
-OPT_OUT = "LITE_FT_ALLOCATOR"  # "glibc": leave glibc's allocator as it is
+OPT_OUT = "LITE_FT_ALLOCATOR"  # auto | jemalloc | glibc-tuned | glibc (as it comes)
+CHOICES = ("auto", "jemalloc", "glibc-tuned", "glibc")
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # already in LD_PRELOAD: the user's choice stands
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+JEMALLOC_ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL in jemalloc.h: arena.<i>.purge on every arena
 
 
 @functools.cache  # platform.libc_ver reads the Python executable: once per process, not per call
@@ -44,9 +52,54 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
+def choice() -> str:
+    """LITE_FT_ALLOCATOR, checked: one of CHOICES (unset: auto)."""
+    value = os.environ.get(OPT_OUT, "").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise SystemExit(f"{OPT_OUT}={value!r}: expected one of {', '.join(CHOICES)}")
+    return value
+
+
 def tuned() -> bool:
-    """Whether lite-ft sets glibc up here (Linux with glibc, and not opted out)."""
-    return _glibc_linux() and os.environ.get(OPT_OUT, "").lower() != "glibc"
+    """Whether lite-ft sets the allocator up here (Linux with glibc, and not LITE_FT_ALLOCATOR=glibc)."""
+    return _glibc_linux() and choice() != "glibc"
+
+
+@functools.cache
+def jemalloc_library() -> str | None:
+    """jemalloc's shared library: the Python environment's own (conda) first, then the system's (ldconfig)."""
+    for folder in (Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"):
+        found = sorted(folder.glob("libjemalloc.so*"))
+        if found:
+            return str(found[0])
+    return ctypes.util.find_library("jemalloc")  # a soname such as libjemalloc.so.2, which the loader finds
+
+
+def _preloaded() -> list[str]:
+    return [lib for lib in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if lib]
+
+
+def jemalloc_active() -> bool:
+    """Whether this process allocates through jemalloc (mapped in, and so first in symbol lookup via LD_PRELOAD)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return "libjemalloc" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def run_allocator(release_memory: bool) -> str:
+    """The allocator a `lite-ft` run started now on this machine gets, as lite-ft plan's model names it:
+    jemalloc / jemalloc, decay 0 / mmap 4 MiB / mmap 1 MiB / glibc default / preloaded (another LD_PRELOAD)."""
+    if not tuned():
+        return "glibc default"
+    preloaded = " ".join(_preloaded())
+    if "jemalloc" in preloaded or (choice() != "glibc-tuned" and not preloaded and jemalloc_library()):
+        return "jemalloc, decay 0" if release_memory else "jemalloc"
+    if any(name in preloaded for name in OTHER_ALLOCATORS):
+        return "preloaded"
+    return f"mmap {(RELEASE_THRESHOLD if release_memory else MMAP_THRESHOLD) >> 20} MiB"
 
 
 def _tunables() -> list[str]:
@@ -58,17 +111,35 @@ def huge_pages_on() -> bool:
     return HUGE_PAGES in _tunables()
 
 
-def restart_with_huge_pages() -> None:
-    """Start this command again with GLIBC_TUNABLES asking for huge pages, unless the variable already says
-    something of glibc.malloc.hugetlb (the user's choice stands), lite-ft is opted out, or this is not glibc on
-    Linux. Called first thing by the `lite-ft` command; returns when nothing is to be done (or the exec failed: the
-    command then runs on 4 KiB pages, as metrics.json says)."""
+def _restart_environment() -> dict[str, str]:
+    """What the restart adds to the environment (nothing: no restart)."""
+    mode, preloaded = choice(), _preloaded()
+    if any(name in lib for lib in preloaded for name in OTHER_ALLOCATORS):
+        return {}  # an allocator the user preloaded stands
+    lib = jemalloc_library() if mode in ("auto", "jemalloc") else None
+    if mode == "jemalloc" and lib is None:
+        raise SystemExit(f"{OPT_OUT}=jemalloc but no libjemalloc was found: install it (apt install libjemalloc2, "
+                         f"conda install jemalloc) or unset {OPT_OUT}")
+    if lib is not None:
+        return {"LD_PRELOAD": ":".join([lib, *preloaded])}  # its own settings (MALLOC_CONF: the user's, if any)
     tunables = _tunables()
-    if not tuned() or any(t.startswith("glibc.malloc.hugetlb=") for t in tunables) or os.environ.get(
-            "LITE_FT_RESTARTED"):
+    if any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        return {}  # the user's choice stands
+    return {"GLIBC_TUNABLES": ":".join([*tunables, HUGE_PAGES])}
+
+
+def restart_for_training() -> None:
+    """Start this command again with jemalloc preloaded, or with GLIBC_TUNABLES asking for huge pages (see the
+    module's docstring). Called first thing by the `lite-ft` command; returns when nothing is to be done (not glibc
+    on Linux, LITE_FT_ALLOCATOR=glibc, the environment already says, this is the restarted process) or when the exec
+    failed (the command then runs as it is, as metrics.json says)."""
+    if not tuned() or os.environ.get("LITE_FT_RESTARTED"):
         return
-    os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES])
-    os.environ["LITE_FT_RESTARTED"] = "1"  # one restart at most, whatever glibc makes of the variable
+    changes = _restart_environment()
+    if not changes:
+        return
+    os.environ.update(changes)
+    os.environ["LITE_FT_RESTARTED"] = "1"  # one restart at most, whatever the loader or glibc make of it
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:
@@ -76,10 +147,17 @@ def restart_with_huge_pages() -> None:
 
 
 def configure(release_memory: bool) -> str:
-    """Fix glibc's mmap threshold for this process (RELEASE_THRESHOLD with `release_memory`, else MMAP_THRESHOLD)
-    and say what the allocator now is, for metrics.json."""
+    """Set the allocator up for this process and say what it now is, for metrics.json. jemalloc: with
+    `release_memory`, freed pages go back to the OS at once (decay 0). glibc: fix the mmap threshold
+    (RELEASE_THRESHOLD with `release_memory`, else MMAP_THRESHOLD)."""
     if not _glibc_linux():
-        return "platform default (lite-ft sets glibc's allocator on Linux only)"
+        return "platform default (lite-ft sets the allocator on Linux with glibc only)"
+    if jemalloc_active():
+        if release_memory and not jemalloc_no_decay():
+            return "jemalloc (setting decay 0 for train.release_memory failed)"
+        decay = _jemalloc_decay_ms()
+        return {-1: "jemalloc, freed pages kept for reuse (decay off)",
+                0: "jemalloc, freed pages returned at once (decay 0)"}.get(decay, f"jemalloc, dirty decay {decay} ms")
     if not tuned():
         return f"glibc default ({OPT_OUT}=glibc)"
     pages = "transparent huge pages" if huge_pages_on() else "4 KiB pages"
@@ -103,13 +181,51 @@ def set_mmap_threshold(threshold: int) -> bool:
         return False
 
 
+def _mallctl(name: str, value: int | None = None) -> bool:
+    """jemalloc's mallctl, writing `value` as an ssize_t (None: a command that takes nothing, e.g. a purge)."""
+    try:
+        call = ctypes.CDLL(None).mallctl  # the preloaded jemalloc's, through the process's global symbols
+    except (OSError, AttributeError):
+        return False
+    new = None if value is None else ctypes.byref(ctypes.c_ssize_t(value))
+    size = 0 if value is None else ctypes.sizeof(ctypes.c_ssize_t)
+    return call(name.encode(), None, None, new, ctypes.c_size_t(size)) == 0
+
+
+def jemalloc_no_decay() -> bool:
+    """Every jemalloc arena, present and future, gives its freed pages back to the OS at once."""
+    arenas = ctypes.c_uint(0)
+    size = ctypes.c_size_t(ctypes.sizeof(arenas))
+    try:
+        if ctypes.CDLL(None).mallctl(b"arenas.narenas", ctypes.byref(arenas), ctypes.byref(size), None, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    names = ["arenas.dirty_decay_ms", "arenas.muzzy_decay_ms"]
+    names += [f"arena.{i}.{kind}_decay_ms" for i in range(arenas.value) for kind in ("dirty", "muzzy")]
+    done = [_mallctl(name, 0) for name in names]  # arenas not yet made refuse: they take the new default
+    return done[0] and done[1]
+
+
+def _jemalloc_decay_ms() -> int | None:
+    """jemalloc's dirty-page decay time for new arenas, in ms (-1: never; 0: at once); None if it cannot say."""
+    value, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    try:
+        read = ctypes.CDLL(None).mallctl(b"arenas.dirty_decay_ms", ctypes.byref(value), ctypes.byref(size), None, 0)
+    except (OSError, AttributeError):
+        return None
+    return value.value if read == 0 else None
+
+
 def release_free_heap() -> bool:
-    """malloc_trim(0): give the heap's free pages back to the OS, from its top and from between live blocks. Called
-    once after the model is loaded: SmolLM2 QLoRA, SQuAD batch 8, 4 steps, one thread peaked at 4,041 / 3,812 MiB
-    with it against 4,119-4,206 without (its RSS after loading 1,041 against 1,540 MiB). False where lite-ft leaves
-    glibc alone or glibc is not there."""
+    """Give the allocator's free pages back to the OS: glibc's malloc_trim(0) (from the heap's top and from between
+    live blocks), jemalloc's purge of every arena. Called once after the model is loaded: SmolLM2 QLoRA, SQuAD batch
+    8, 4 steps, one thread peaked at 4,041 / 3,812 MiB with it against 4,119-4,206 without (glibc; its RSS after
+    loading 1,041 against 1,540 MiB). False where lite-ft leaves the allocator alone or the call failed."""
     if not tuned():
         return False
+    if jemalloc_active():
+        return _mallctl(f"arena.{JEMALLOC_ALL_ARENAS}.purge")
     try:
         return _libc().malloc_trim(0) == 1
     except (OSError, AttributeError):

@@ -307,9 +307,9 @@ def plan_command(recipe: str, overrides: tuple[str, ...], device: str, gpu_memor
 
 
 def entry() -> None:
-    """The `lite-ft` command: glibc set up for training first (lite_ft.allocator: this may restart the process
-    once with GLIBC_TUNABLES), then the commands."""
-    from lite_ft.allocator import restart_with_huge_pages
+    """The `lite-ft` command: the allocator set up for training first (lite_ft.allocator: this may restart the
+    process once, with jemalloc preloaded or with GLIBC_TUNABLES), then the commands."""
+    from lite_ft.allocator import restart_for_training
 
-    restart_with_huge_pages()
+    restart_for_training()
     main()

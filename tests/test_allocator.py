@@ -89,12 +89,15 @@ def test_opting_out_leaves_glibc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 _PROBE = ("import os, sys; from lite_ft import allocator; "
-          "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
-          "allocator.restart_with_huge_pages(); print('ran', flush=True)")
+          "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), os.environ.get('LD_PRELOAD'), flush=True); "
+          "allocator.restart_for_training(); "
+          "print('ran', allocator.jemalloc_active(), allocator.configure(release_memory=False), flush=True)")
+jemalloc = pytest.mark.skipif(allocator.jemalloc_library() is None,
+                              reason="jemalloc is not installed here (apt install libjemalloc2)")
 
 
 def _probe(**env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LITE_FT_RESTARTED",
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LITE_FT_RESTARTED", "LD_PRELOAD",
                                                                allocator.OPT_OUT)}
     out = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True,
                          check=True, timeout=60)
@@ -102,16 +105,71 @@ def _probe(**env: str) -> list[str]:
 
 
 @glibc
-def test_the_command_restarts_itself_once_with_huge_pages() -> None:
-    first, second, ran = _probe()
-    assert first.split()[1] == "None"
+def test_the_command_restarts_itself_once_with_huge_pages_without_jemalloc() -> None:
+    first, second, ran = _probe(LITE_FT_ALLOCATOR="glibc-tuned")
+    assert first.split()[1:] == ["None", "None"]
     assert second.split()[0] == first.split()[0]  # exec: the same process
-    assert allocator.HUGE_PAGES in second.split()[1].split(":")
-    assert ran == "ran"  # and then goes on
+    assert allocator.HUGE_PAGES in second.split()[1].split(":") and second.split()[2] == "None"
+    assert ran.startswith("ran False glibc mmap threshold 4 MiB, transparent huge pages")  # and then goes on
 
 
 @glibc
-def test_no_restart_when_opted_out_or_already_set() -> None:
+@jemalloc
+def test_the_command_restarts_itself_once_with_jemalloc_where_the_system_has_it() -> None:
+    first, second, ran = _probe()  # auto
+    assert second.split()[0] == first.split()[0]
+    assert second.split()[1:] == ["None", allocator.jemalloc_library()]
+    assert ran.startswith("ran True jemalloc, dirty decay")  # mapped into the process: allocating through it
+    assert _probe(MALLOC_CONF="dirty_decay_ms:5000")[2] == "ran True jemalloc, dirty decay 5000 ms"  # the user's
+
+
+@glibc
+def test_no_restart_when_opted_out_already_set_or_another_allocator_preloaded() -> None:
     assert len(_probe(LITE_FT_ALLOCATOR="glibc")) == 2
-    kept = _probe(GLIBC_TUNABLES=f"glibc.malloc.arena_max=2:{allocator.HUGE_PAGES}")
+    kept = _probe(LITE_FT_ALLOCATOR="glibc-tuned", GLIBC_TUNABLES=f"glibc.malloc.arena_max=2:{allocator.HUGE_PAGES}")
     assert len(kept) == 2 and kept[0].split()[1] == f"glibc.malloc.arena_max=2:{allocator.HUGE_PAGES}"
+    other = _probe(LD_PRELOAD="/nowhere/libtcmalloc_minimal.so.4")  # the loader warns and goes on without it
+    assert len(other) == 2 and other[0].split()[2] == "/nowhere/libtcmalloc_minimal.so.4"
+
+
+def test_what_the_run_will_get_and_a_missing_jemalloc_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(allocator, "_glibc_linux", lambda: True)
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
+    assert [allocator.run_allocator(r) for r in (False, True)] == ["mmap 4 MiB", "mmap 1 MiB"]
+    monkeypatch.setenv(allocator.OPT_OUT, "jemalloc")
+    with pytest.raises(SystemExit, match="apt install libjemalloc2"):
+        allocator.restart_for_training()
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: "libjemalloc.so.2")
+    monkeypatch.setenv(allocator.OPT_OUT, "auto")
+    assert [allocator.run_allocator(r) for r in (False, True)] == ["jemalloc", "jemalloc, decay 0"]
+    monkeypatch.setenv(allocator.OPT_OUT, "glibc-tuned")
+    assert allocator.run_allocator(False) == "mmap 4 MiB"
+    monkeypatch.setenv(allocator.OPT_OUT, "glibc")
+    assert allocator.run_allocator(False) == "glibc default"
+    monkeypatch.setenv(allocator.OPT_OUT, "jemaloc")
+    with pytest.raises(SystemExit, match="expected one of auto, jemalloc, glibc-tuned, glibc"):
+        allocator.choice()
+
+
+_DECAY = """
+import ctypes
+from lite_ft import allocator
+said = allocator.configure(release_memory=True)
+value, size = ctypes.c_ssize_t(-2), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+mallctl = ctypes.CDLL(None).mallctl
+read = [mallctl(name, ctypes.byref(value), ctypes.byref(size), None, 0) or value.value
+        for name in (b"arena.0.dirty_decay_ms", b"arena.0.muzzy_decay_ms", b"arenas.dirty_decay_ms")]
+print(said, "|", read, allocator.release_free_heap())
+"""
+
+
+@glibc
+@jemalloc
+def test_release_memory_under_jemalloc_returns_freed_pages_at_once() -> None:
+    env = {**{k: v for k, v in os.environ.items() if k != allocator.OPT_OUT}, "LD_PRELOAD": allocator.jemalloc_library()}
+    out = subprocess.run([sys.executable, "-c", _DECAY], env=env, capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    said, rest = out.split("|")
+    assert said.strip() == "jemalloc, freed pages returned at once (decay 0)"
+    assert rest.split() == ["[0,", "0,", "0]", "True"]  # jemalloc's own reading: no decay delay in any arena

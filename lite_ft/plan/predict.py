@@ -56,15 +56,23 @@ from lite_ft.sources.resolve import resolve_source
 # out at about half the measured excess, so the factors are measured, not simulated. "quantized": QLoRA and LoRA
 # over an 8-bit base; its 4 MiB factor fell from 1.97 to 1.52 (the adapters' 1.43) once the quantized model stopped
 # mapping its float weights file (lite_ft.model.own_unquantized_weights): 300-400 MiB of the 1.97 were that file.
+# jemalloc (preloaded by the lite-ft command where the system has it, lite_ft.allocator) keeps freed extents for
+# reuse and has no mmap threshold: its factor applies to the whole transient peak.
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
         ("mmap 4 MiB", "full"): 0.70, ("mmap 4 MiB", "adapters"): 1.43, ("mmap 4 MiB", "quantized"): 1.52,
-        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.06, ("mmap 1 MiB", "quantized"): 1.0}
-CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.19, ("mmap 4 MiB", "adapters"): 1.50}
+        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.06, ("mmap 1 MiB", "quantized"): 1.0,
+        ("jemalloc", "full"): 0.60, ("jemalloc", "adapters"): 1.03, ("jemalloc", "quantized"): 1.04,
+        ("jemalloc, decay 0", "full"): 1.0, ("jemalloc, decay 0", "adapters"): 1.05,
+        ("jemalloc, decay 0", "quantized"): 1.0, **{("preloaded", family): 1.0 for family in ("full", "adapters",
+                                                                                             "quantized")}}
+CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.19, ("mmap 4 MiB", "adapters"): 1.50,
+                ("jemalloc", "full"): -0.32}  # jemalloc: a checkpointed full run keeps 0.28 x its transient peak
 # mmap rows fitted 2026-12-07 on a 2-core AMD EPYC (Zen 4), refitted at 03:28 UTC after the reused dequantization
 # buffers and the heap trim after loading (quantized and lora-b8-l384 measured again), quantized again at 06:15 UTC
 # once the weights file was let go (medians of 3 runs); at 1 MiB only adapters were
 # measured (one run), the other 1 MiB families and checkpointing under 1 MiB or with a quantized base are not
-# measured (neutral values)
+# measured (neutral values). jemalloc rows fitted 2026-12-07 16:36 UTC on the AVX512-BF16 EPYC (jemalloc 5.3, its own
+# settings; one run per calibration row); "preloaded" (an allocator the user chose) is not measured (neutral)
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -182,7 +190,8 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
         rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
         timing = _step_time(static, transient, shape, batches, recipe)
         sps = seconds_per_step(timing["compute_seconds"], timing["optimizer_seconds"],
-                               method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory)
+                               method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory,
+                               kind)
         tps = batches.real_tokens / batches.steps / sps
         wall = sps * batches.steps
     available = gpu_memory_mib if device == "cuda" and gpu_memory_mib else _available_mib(device)
@@ -270,14 +279,12 @@ def resident_excess(recipe: Recipe, kind: str, transient_mib: float) -> float:
 
 
 def allocator_model(recipe: Recipe, device: str) -> tuple[str, int | None]:
-    """The CPU allocator a run of `recipe` will have (lite_ft.allocator) and its mmap threshold in bytes (None:
-    glibc's own moving threshold, or not the CPU)."""
+    """The CPU allocator a run of `recipe` will have (lite_ft.allocator.run_allocator) and the size in bytes from
+    which its tensors get their own mappings (None: no such threshold, or not the CPU)."""
     if device != "cpu":
         return "cuda caching allocator", None
-    if not allocator.tuned():
-        return "glibc default", None
-    threshold = allocator.RELEASE_THRESHOLD if recipe.train.release_memory else allocator.MMAP_THRESHOLD
-    return f"mmap {threshold >> 20} MiB", threshold
+    kind = allocator.run_allocator(recipe.train.release_memory)
+    return kind, {"mmap 4 MiB": allocator.MMAP_THRESHOLD, "mmap 1 MiB": allocator.RELEASE_THRESHOLD}.get(kind)
 
 
 def _available_mib(device: str) -> float | None:

@@ -22,6 +22,9 @@ STEP_OVERHEAD = {"full": 0.99, "lora": 0.85, "qlora": 0.93, "lora-8bit": 0.74}  
 # 06:15 on the median of 3 runs each: 4.51-5.47 and 4.55-6.95 s a step); under 1 where a real
 # step ran faster than its ops timed one by one (why was not isolated). This VM's speed varied by up to 2x within
 # minutes while they were measured (README, plan accuracy): they carry that noise
+# the same under jemalloc (its own settings), fitted 2026-12-07 16:36 UTC on a 2-core AMD EPYC with AVX512-BF16,
+# one run per calibration row, with the op times cached on that machine (some timed under glibc in earlier sessions)
+STEP_OVERHEAD_JEMALLOC = {"full": 1.27, "lora": 1.21, "qlora": 1.39, "lora-8bit": 1.17}
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
@@ -66,7 +69,10 @@ def method_name(method: str, quantization: str | None) -> str:
     return "lora-8bit" if method == "lora" and quantization == "8bit" else method
 
 
-def seconds_per_step(compute_seconds: float, optimizer_seconds: float, method: str, release_memory: bool) -> float:
-    """Predicted seconds of one optimizer step on this CPU from its ops' timed seconds and the optimizer's."""
-    seconds = (compute_seconds + optimizer_seconds) * STEP_OVERHEAD[method]
+def seconds_per_step(compute_seconds: float, optimizer_seconds: float, method: str, release_memory: bool,
+                     allocator: str = "mmap 4 MiB") -> float:
+    """Predicted seconds of one optimizer step on this CPU from its ops' timed seconds and the optimizer's, under
+    the allocator lite_ft.plan.predict.allocator_model names (jemalloc's own factors where it is the one)."""
+    overhead = STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD
+    seconds = (compute_seconds + optimizer_seconds) * overhead[method]
     return seconds / RELEASE_SPEED if release_memory else seconds

@@ -127,9 +127,10 @@ class TrainConfig:
     Same gradients within rounding; measured on SmolLM2-135M / SQuAD: see the README's speed section. Other
     models, lora.dropout > 0 and train.fsdp keep peft's path, with a note in metrics.json (train.fused_lora)."""
     release_memory: bool = setting(False, result=False)
-    """CPU (Linux, glibc): give nearly every activation tensor its own mapping (mmap threshold 1 MiB instead of
-    lite-ft's default 4 MiB, lite_ft.allocator), returned to the OS when freed: the least memory, at a speed cost
-    (fresh pages for every new tensor); measured in the README's speed section."""
+    """CPU (Linux): freed memory goes back to the OS at once (lite_ft.allocator): under jemalloc its page decay is set
+    to 0; under glibc nearly every activation tensor gets its own mapping (mmap threshold 1 MiB instead of lite-ft's
+    4 MiB). The least memory, at a speed cost (fresh pages for every new tensor); measured in the README's speed
+    section."""
     memory_snapshot: bool = setting(False, result=False)
     """On CUDA, write memory_snapshot.pickle (allocator history) into output.dir for https://pytorch.org/memory_viz."""
     keep_best: str | None = setting(None, result=True)

@@ -52,12 +52,11 @@ class WeightScratch:
     """Buffers for dequantized frozen weights on the CPU, one per (purpose, shape, dtype), reused by every call.
 
     A fused block uses each dequantized weight in one matmul and drops it before the next is made, so one buffer
-    per shape is enough. Fresh ones (0.4-3.5 MiB for SmolLM2, under lite-ft's 4 MiB mmap threshold, so from glibc's
-    heap) leave holes that the small tensors kept for backward then split, and the next weight goes on top of the
-    heap. Measured on SmolLM2 QLoRA, SQuAD batch 8, 4 steps, one thread: peak RSS 4,119 / 4,206 MiB with these
-    buffers against 4,421 / 4,506 with fresh weights, the same losses and step times. bitsandbytes' CPU
-    dequantize has no out= kernel, so the 4-bit one is written here with torch ops into the buffer (bit-identical
-    to bitsandbytes' flat read of the codes; tested). CUDA's caching allocator already reuses blocks: not used there."""
+    per shape is enough. Fresh ones (0.4-3.5 MiB for SmolLM2) leave holes in glibc's heap that the small tensors
+    kept for backward split: SmolLM2 QLoRA, SQuAD batch 8, 4 steps peaked at 4,119 / 4,206 MiB with these buffers
+    against 4,421 / 4,506 with fresh weights (same losses and step times). bitsandbytes' CPU dequantize has no out=
+    kernel, so the 4-bit one is written here with torch ops (bit-identical to bitsandbytes' flat read of the codes;
+    tested). CUDA's caching allocator already reuses blocks: not used there."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
@@ -165,8 +164,13 @@ def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor
     outs, start = [], 0
     for p in projs:
         r = p.lora_a.shape[0]
-        lora = (a_out[..., start:start + r] @ p.lora_b.t()).mul_(p.scale)  # in place: no fresh tokens x out
-        outs.append(F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype)).add_(lora.to(y.dtype)))
+        out = F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype))
+        a = a_out[..., start:start + r]
+        if a.dtype == out.dtype:  # the LoRA product accumulates into the base output: no tokens x out of its own
+            out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, r), p.lora_b.t(), alpha=p.scale)
+        else:  # a bf16 base with fp32 adapters: the LoRA product in fp32, added in the base's dtype
+            out.add_((a @ p.lora_b.t()).mul_(p.scale).to(out.dtype))
+        outs.append(out)
         start += r
     return outs
 
@@ -181,16 +185,22 @@ def _project_backward(y: torch.Tensor, projs: tuple[Projection, ...], a_out: tor
     for p, g in zip(projs, grads):
         r = p.lora_a.shape[0]
         g2 = g.reshape(-1, g.shape[-1])
-        product = (g2 @ dense_weight(p.base, g.dtype)).view_as(y).to(y.dtype)
-        grad_y = product if grad_y is None else grad_y.add_(product)
-        gs = g2.to(a_out.dtype) * p.scale
-        grad_bs.append(gs.t() @ flat_a[:, start:start + r])
-        grad_a_out.append(gs @ p.lora_b)
+        weight = dense_weight(p.base, g.dtype)
+        if grad_y is None:
+            grad_y = (g2 @ weight).view_as(y).to(y.dtype)
+        else:  # the next products accumulate into it (g and y share a dtype): no tokens x in tensor of their own
+            grad_y.view(-1, grad_y.shape[-1]).addmm_(g2, weight)
+        g2 = g2.to(a_out.dtype)  # the scale goes on the rank-r products, not on a tokens x out copy of g
+        grad_bs.append((g2.t() @ flat_a[:, start:start + r]).mul_(p.scale))
+        grad_a_out.append((g2 @ p.lora_b).mul_(p.scale))
         start += r
     da = torch.cat(grad_a_out, dim=1)  # (tokens, sum of ranks): one matmul for every LoRA-A gradient
     grad_a_all = da.t() @ flat_y
     a_all = torch.cat([p.lora_a for p in projs], dim=0)
-    grad_y.add_((da @ a_all).view_as(y).to(y.dtype))
+    if da.dtype == grad_y.dtype:
+        grad_y.view(-1, grad_y.shape[-1]).addmm_(da, a_all)
+    else:
+        grad_y.add_((da @ a_all).view_as(y).to(y.dtype))
     grad_as = list(torch.split(grad_a_all, [p.lora_a.shape[0] for p in projs], dim=0))
     return grad_y, grad_as, grad_bs
 
