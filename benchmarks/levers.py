@@ -10,7 +10,6 @@ Writes levers.json and levers.md into --out.
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "glibc tuned": ("lite-ft's glibc setup instead of jemalloc (LITE_FT_ALLOCATOR=glibc-tuned): mmap threshold "
                     "4 MiB, transparent huge pages", [], {"LITE_FT_ALLOCATOR": "glibc-tuned"}),
     "tcmalloc": ("gperftools' tcmalloc preloaded (LD_PRELOAD=libtcmalloc_minimal.so.4) instead of jemalloc", [],
-                 {"LD_PRELOAD": ctypes.util.find_library("tcmalloc_minimal") or "libtcmalloc_minimal.so.4"}),
+                 {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}),  # a soname: the loader finds it
     "jemalloc decay off": ("jemalloc keeping every freed page for reuse (MALLOC_CONF=dirty_decay_ms:-1,"
                            "muzzy_decay_ms:-1) instead of its own 10 s decay", [],
                            {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),

@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 MMAP_THRESHOLD = 4 << 20  # bytes: tensors from 4 MiB up get their own mapping (the default)
 RELEASE_THRESHOLD = 1 << 20  # bytes: train.release_memory, nearly every activation on its own mapping
@@ -89,15 +90,28 @@ def jemalloc_active() -> bool:
         return False
 
 
+def _user_allocator() -> str | None:
+    """The allocator the user preloaded (LD_PRELOAD), if any: it stands, and lite-ft preloads nothing."""
+    return next((name for lib in _preloaded() for name in OTHER_ALLOCATORS if name in lib), None)
+
+
+def _jemalloc_to_preload() -> str | None:
+    """The jemalloc library the restart preloads: None where the user preloaded an allocator, LITE_FT_ALLOCATOR
+    asks for glibc, or the system has none."""
+    if _user_allocator() or choice() not in ("auto", "jemalloc"):
+        return None
+    return jemalloc_library()
+
+
 def run_allocator(release_memory: bool) -> str:
     """The allocator a `lite-ft` run started now on this machine gets, as lite-ft plan's model names it:
     jemalloc / jemalloc, decay 0 / mmap 4 MiB / mmap 1 MiB / glibc default / preloaded (another LD_PRELOAD)."""
     if not tuned():
         return "glibc default"
-    preloaded = " ".join(_preloaded())
-    if "jemalloc" in preloaded or (choice() != "glibc-tuned" and not preloaded and jemalloc_library()):
+    user = _user_allocator()
+    if user == "jemalloc" or (user is None and _jemalloc_to_preload()):
         return "jemalloc, decay 0" if release_memory else "jemalloc"
-    if any(name in preloaded for name in OTHER_ALLOCATORS):
+    if user is not None:
         return "preloaded"
     return f"mmap {(RELEASE_THRESHOLD if release_memory else MMAP_THRESHOLD) >> 20} MiB"
 
@@ -113,15 +127,14 @@ def huge_pages_on() -> bool:
 
 def _restart_environment() -> dict[str, str]:
     """What the restart adds to the environment (nothing: no restart)."""
-    mode, preloaded = choice(), _preloaded()
-    if any(name in lib for lib in preloaded for name in OTHER_ALLOCATORS):
+    if _user_allocator():
         return {}  # an allocator the user preloaded stands
-    lib = jemalloc_library() if mode in ("auto", "jemalloc") else None
-    if mode == "jemalloc" and lib is None:
+    lib = _jemalloc_to_preload()
+    if choice() == "jemalloc" and lib is None:
         raise SystemExit(f"{OPT_OUT}=jemalloc but no libjemalloc was found: install it (apt install libjemalloc2, "
                          f"conda install jemalloc) or unset {OPT_OUT}")
-    if lib is not None:
-        return {"LD_PRELOAD": ":".join([lib, *preloaded])}  # its own settings (MALLOC_CONF: the user's, if any)
+    if lib is not None:  # its own settings (MALLOC_CONF: the user's, if any)
+        return {"LD_PRELOAD": ":".join([lib, *_preloaded()])}
     tunables = _tunables()
     if any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
         return {}  # the user's choice stands
@@ -155,7 +168,7 @@ def configure(release_memory: bool) -> str:
     if jemalloc_active():
         if release_memory and not jemalloc_no_decay():
             return "jemalloc (setting decay 0 for train.release_memory failed)"
-        decay = _jemalloc_decay_ms()
+        decay = _mallctl("arenas.dirty_decay_ms", read=ctypes.c_ssize_t)  # ms for new arenas: -1 never, 0 at once
         return {-1: "jemalloc, freed pages kept for reuse (decay off)",
                 0: "jemalloc, freed pages returned at once (decay 0)"}.get(decay, f"jemalloc, dirty decay {decay} ms")
     if not tuned():
@@ -181,12 +194,18 @@ def set_mmap_threshold(threshold: int) -> bool:
         return False
 
 
-def _mallctl(name: str, value: int | None = None) -> bool:
-    """jemalloc's mallctl, writing `value` as an ssize_t (None: a command that takes nothing, e.g. a purge)."""
+def _mallctl(name: str, value: int | None = None, read: type | None = None) -> Any:
+    """jemalloc's mallctl (the preloaded one, through the process's global symbols): with `read`, the value of that
+    ctypes type (None if refused); else write `value` as an ssize_t (None: a command such as a purge), True if
+    jemalloc took it."""
     try:
-        call = ctypes.CDLL(None).mallctl  # the preloaded jemalloc's, through the process's global symbols
+        call = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError):
-        return False
+        return None if read else False
+    if read is not None:
+        out = read()
+        size = ctypes.c_size_t(ctypes.sizeof(out))
+        return out.value if call(name.encode(), ctypes.byref(out), ctypes.byref(size), None, 0) == 0 else None
     new = None if value is None else ctypes.byref(ctypes.c_ssize_t(value))
     size = 0 if value is None else ctypes.sizeof(ctypes.c_ssize_t)
     return call(name.encode(), None, None, new, ctypes.c_size_t(size)) == 0
@@ -194,27 +213,13 @@ def _mallctl(name: str, value: int | None = None) -> bool:
 
 def jemalloc_no_decay() -> bool:
     """Every jemalloc arena, present and future, gives its freed pages back to the OS at once."""
-    arenas = ctypes.c_uint(0)
-    size = ctypes.c_size_t(ctypes.sizeof(arenas))
-    try:
-        if ctypes.CDLL(None).mallctl(b"arenas.narenas", ctypes.byref(arenas), ctypes.byref(size), None, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    arenas = _mallctl("arenas.narenas", read=ctypes.c_uint)
+    if arenas is None:
         return False
     names = ["arenas.dirty_decay_ms", "arenas.muzzy_decay_ms"]
-    names += [f"arena.{i}.{kind}_decay_ms" for i in range(arenas.value) for kind in ("dirty", "muzzy")]
+    names += [f"arena.{i}.{kind}_decay_ms" for i in range(arenas) for kind in ("dirty", "muzzy")]
     done = [_mallctl(name, 0) for name in names]  # arenas not yet made refuse: they take the new default
     return done[0] and done[1]
-
-
-def _jemalloc_decay_ms() -> int | None:
-    """jemalloc's dirty-page decay time for new arenas, in ms (-1: never; 0: at once); None if it cannot say."""
-    value, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
-    try:
-        read = ctypes.CDLL(None).mallctl(b"arenas.dirty_decay_ms", ctypes.byref(value), ctypes.byref(size), None, 0)
-    except (OSError, AttributeError):
-        return None
-    return value.value if read == 0 else None
 
 
 def release_free_heap() -> bool:

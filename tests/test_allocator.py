@@ -143,6 +143,12 @@ def test_what_the_run_will_get_and_a_missing_jemalloc_asked_for(monkeypatch: pyt
     monkeypatch.setattr(allocator, "jemalloc_library", lambda: "libjemalloc.so.2")
     monkeypatch.setenv(allocator.OPT_OUT, "auto")
     assert [allocator.run_allocator(r) for r in (False, True)] == ["jemalloc", "jemalloc, decay 0"]
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libfoo.so")  # not an allocator: the plan and the restart agree
+    assert allocator.run_allocator(False) == "jemalloc"
+    assert allocator._restart_environment() == {"LD_PRELOAD": "libjemalloc.so.2:/opt/libfoo.so"}
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libtcmalloc_minimal.so.4")
+    assert allocator.run_allocator(False) == "preloaded" and allocator._restart_environment() == {}
+    monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv(allocator.OPT_OUT, "glibc-tuned")
     assert allocator.run_allocator(False) == "mmap 4 MiB"
     monkeypatch.setenv(allocator.OPT_OUT, "glibc")
