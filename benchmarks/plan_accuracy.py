@@ -10,6 +10,10 @@ unless --force), so the predictor can be re-run on the same measurements;
     flock /work/cpu.lock python benchmarks/plan_accuracy.py --measure --only lora-b8-l384,full-b4-l256  # <= 10 min
     flock /work/cpu.lock python benchmarks/plan_accuracy.py --predict        # all predictions, about 5 minutes
     python benchmarks/plan_accuracy.py --report
+
+The runs take the allocator the `lite-ft` command picks (jemalloc where installed); a grid under another one keeps
+its own record, e.g. `LITE_FT_ALLOCATOR=glibc-tuned python benchmarks/plan_accuracy.py --record
+plan_accuracy-glibc --measure` (its constants from `plan_calibrate.py --record plan_accuracy-glibc`).
 """
 from __future__ import annotations
 
@@ -124,11 +128,15 @@ def measured_figures(name: str) -> dict[str, Any]:
 def timed_steps_seconds(p: dict[str, Any], m: dict[str, Any]) -> float:
     """The plan's seconds for a step of the timed steps' real tokens: the measurement leaves out step 1 (warm-up),
     and with length grouping the steps differ in length (lora-b2-l1024: the longest batch is step 1), so the
-    plan's per-token cost is applied to the tokens of the steps that were timed. Older measurements without token
-    counts fall back to the plan's mean step."""
+    plan's per-token part (its ops) is applied to the tokens of the steps that were timed and its fixed part (the
+    update) added as it is. Older measurements without token counts fall back to the plan's mean step."""
     if "tokens_per_step" not in m or not p.get("tokens_per_second"):
         return p["seconds_per_step"]
-    return m["tokens_per_step"] / p["tokens_per_second"]
+    timing = p["step_time"]
+    mean_tokens = p["tokens_per_second"] * p["seconds_per_step"]
+    if "fixed_seconds" not in timing:  # predictions from before the split: all of it per token
+        return m["tokens_per_step"] / p["tokens_per_second"]
+    return timing["fixed_seconds"] + timing["token_seconds"] * m["tokens_per_step"] / mean_tokens
 
 
 def measured_medians(record: dict[str, Any], name: str) -> tuple[float, float]:
@@ -159,6 +167,12 @@ def combined(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def calibration_stem(record: str) -> str:
+    """The calibration files that go with a record: calibration.json with plan_accuracy.json,
+    calibration-glibc.json with plan_accuracy-glibc.json."""
+    return "calibration" + record.removeprefix("plan_accuracy")
+
+
 def load(path: Path) -> dict[str, Any]:
     record = json.loads(path.read_text()) if path.is_file() else {}
     for key in ("predicted", "measured", "repeats"):
@@ -179,13 +193,15 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="measure again configurations already measured")
     parser.add_argument("--repeat", type=int, default=0, help="measure each this many more times (spread)")
     parser.add_argument("--report", action="store_true", help="write the table and the plot from the results")
+    parser.add_argument("--record", default="plan_accuracy", help="the results' file name under "
+                        "benchmarks/results/plan-cpu/ without .json (one per allocator)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "plan_accuracy.json"
+    path = OUT / f"{args.record}.json"
     if args.report:
         from plan_report import write_report  # matplotlib only for the report
 
-        return write_report(load(path), OUT)
+        return write_report(load(path), OUT, args.record, calibration_stem(args.record))
     names = args.only.split(",") if args.only else list(GRID)
     for name in names:
         if args.predict:

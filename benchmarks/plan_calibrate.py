@@ -6,8 +6,8 @@
   static predicted part (runtime, weights, adapter, gradients, optimizer state) and transient the replay's live
   peak of the longest micro-batch;
 - STEP_OVERHEAD and STEP_OVERHEAD_JEMALLOC (lite_ft.plan.speed): per allocator and method, the median of measured
-  seconds per step over the plan's sum of the step's ops timed in isolation (lite_ft.plan.op_times), both for the
-  tokens of the timed steps.
+  seconds per step less the plan's timed update, over the plan's sum of the step's ops timed in isolation
+  (lite_ft.plan.op_times), both for the tokens of the timed steps.
 
 Runs the predictor in this one process (no weights are loaded), with the constants neutral (HEAP 1, CHECKPOINTED 0,
 STEP_OVERHEAD 1), and writes calibration.json and calibration.md next to the results. The constants in the code are
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from plan_accuracy import OUT, measured_medians, overrides_of
+from plan_accuracy import OUT, calibration_stem, measured_medians, overrides_of
 
 from lite_ft.plan import predict as predictor
 from lite_ft.plan import speed
@@ -62,8 +62,11 @@ def fit_allocator(rows: dict[str, Any]) -> tuple[dict[str, float], dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="calibrate on these measured configurations only")
+    parser.add_argument("--record", default="plan_accuracy", help="the measurements' file under "
+                        "benchmarks/results/plan-cpu/ without .json (plan_accuracy.py --record)")
     args = parser.parse_args()
-    record = json.loads((OUT / "plan_accuracy.json").read_text())
+    record = json.loads((OUT / f"{args.record}.json").read_text())
+    stem = calibration_stem(args.record)
     names = args.only.split(",") if args.only else list(record["measured"])
     predictor.HEAP = {key: 1.0 for key in predictor.HEAP}  # neutral: the constants are what is measured here
     predictor.CHECKPOINTED = {key: 0.0 for key in predictor.CHECKPOINTED}
@@ -88,10 +91,14 @@ def main() -> None:
         excess = measured["max_rss_mib"] - runtime - other  # resident beyond the static parts
         heap = excess / transient
         family = predictor.family(recipe)
-        # per real token, over the timed steps' tokens (step 1, left out as warm-up, may be the longest)
-        timed = measured.get("tokens_per_step", plan["tokens_per_second"] * plan["seconds_per_step"])
-        overhead = measured["seconds_per_step"] / (timed / plan["tokens_per_second"])  # release_memory's own
-        # slowdown (RELEASE_SPEED) is already in the plan's seconds: a separate constant
+        # the plan's ops for the timed steps' real tokens (step 1, left out as warm-up, may be the longest); the
+        # update is timed whole, not scaled. release_memory's own slowdown (RELEASE_SPEED) is already in the plan's
+        # seconds: a separate constant
+        timing = plan["step_time"]
+        mean_tokens = plan["tokens_per_second"] * plan["seconds_per_step"]
+        timed = measured.get("tokens_per_step", mean_tokens)
+        overhead = ((measured["seconds_per_step"] - timing["fixed_seconds"])
+                    / (timing["token_seconds"] * timed / mean_tokens))
         rows[name] = {"allocator": plan["allocator"], "family": family,
                       "method": method_name(recipe.method, recipe.model.quantization), "heap_factor": heap,
                       "heap_mib": in_heap, "excess_mib": excess, "measured_mib": measured["max_rss_mib"],
@@ -106,10 +113,11 @@ def main() -> None:
     step_overhead = {f"{a}/{m}": statistics.median(r["step_overhead"] for r in rows.values()
                                                     if (r["allocator"].split(",")[0], r["method"]) == (a, m))
                      for a, m in groups}
-    (OUT / "calibration.json").write_text(json.dumps({"rows": rows, "heap": heap, "checkpointed": checkpointed,
+    (OUT / f"{stem}.json").write_text(json.dumps({"rows": rows, "heap": heap, "checkpointed": checkpointed,
                                                       "step_overhead": step_overhead}, indent=2))
     lines = ["# lite-ft plan: the CPU constants, measured", "",
-             "Least squares per group (`python benchmarks/plan_calibrate.py --only` the calibration rows).",
+             f"Least squares per group (`python benchmarks/plan_calibrate.py --record {args.record} --only` the "
+             "calibration rows).",
              "", "| group | constant |", "| --- | ---: |"]
     lines += [f"| HEAP {k} | {v:.2f} |" for k, v in sorted(heap.items())]
     lines += [f"| CHECKPOINTED {k} | {v:.2f} |" for k, v in sorted(checkpointed.items())]
@@ -119,7 +127,7 @@ def main() -> None:
               "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {n} | {r['heap_factor']:.2f} | {r['heap_mib']:,.0f} | "
               f"{r['transient_mib']:,.0f} | {r['step_overhead']:.2f} |" for n, r in rows.items()]
-    (OUT / "calibration.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(json.dumps({"heap": heap, "checkpointed": checkpointed, "step_overhead": step_overhead}, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""plan_accuracy.md and plan_accuracy.png from plan_accuracy.json (called by plan_accuracy.py --report)."""
+"""plan_accuracy.md and plan_accuracy.png from plan_accuracy.json, or another record's (plan_accuracy.py --report)."""
 from __future__ import annotations
 
 import json
@@ -23,19 +23,22 @@ def _row(name: str, r: dict[str, Any], calibrated: set[str]) -> str:
             f"{r['measured_s_per_step']:.2f} | {r['speed_error_pct']:+.1f}% | {m['steps']} |")
 
 
-def write_report(record: dict[str, Any], out: Path) -> None:
+def write_report(record: dict[str, Any], out: Path, stem: str = "plan_accuracy", calibration: str = "calibration"
+                 ) -> None:
     results = record["results"]
-    cal = out / "calibration.json"
+    cal = out / f"{calibration}.json"
     calibrated = set(json.loads(cal.read_text())["rows"]) if cal.is_file() else set()
     held = [n for n in results if n not in calibrated]
     names = sorted(results, key=lambda n: -abs(results[n]["peak_error_pct"]))
     peak_err = [abs(results[n]["peak_error_pct"]) for n in names]
     speed_err = [abs(results[n]["speed_error_pct"]) for n in names]
-    lines = ["# lite-ft plan: predicted vs measured on this CPU", "",
+    allocators = sorted({r["predicted"]["allocator"] for r in results.values()})
+    lines = ["# lite-ft plan: predicted vs measured on this CPU", "", f"Allocator: {', '.join(allocators)}.", "",
              ("Measured peak: the `lite-ft run` child's max RSS from the kernel (os.wait4). Measured s/step: mean of "
              "steps 2.. of train_log.jsonl. Both the median of a configuration's runs where it ran more than once "
              "(spread column). Predicted s/step: the plan's seconds per real token times the real "
-             "tokens of those steps (step 1, left out as warm-up, may be the run's longest). Sorted by the size of "
+             "tokens of those steps (step 1, left out as warm-up, may be the run's longest), plus its update "
+             "(clipping and optimizer step, the same every step). Sorted by the size of "
              "the peak error, worst first."), "",
              (f"- configurations: {len(names)}; within +/-10% peak: {sum(e <= 10 for e in peak_err)}, within "
              f"+/-15%: {sum(e <= 15 for e in peak_err)}; worst peak error {max(peak_err):.1f}%"),
@@ -50,11 +53,12 @@ def write_report(record: dict[str, Any], out: Path) -> None:
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [_row(n, results[n], calibrated) for n in names]
     lines += ["", ("Commands (one at a time on an otherwise idle machine): `python benchmarks/plan_accuracy.py "
-              "--measure`, `python benchmarks/plan_calibrate.py --only NAMES` (the calibration rows), "
-              "`python benchmarks/plan_accuracy.py --predict`, then `python benchmarks/plan_accuracy.py --report`."),
+              f"--measure --record {stem}`, `python benchmarks/plan_calibrate.py --record {stem} --only NAMES` (the "
+              f"calibration rows), `python benchmarks/plan_accuracy.py --record {stem} --predict`, then "
+              f"`python benchmarks/plan_accuracy.py --record {stem} --report`."),
               ""]
-    (out / "plan_accuracy.md").write_text("\n".join(lines), encoding="utf-8")
-    _plot(results, out / "plan_accuracy.png")
+    (out / f"{stem}.md").write_text("\n".join(lines), encoding="utf-8")
+    _plot(results, out / f"{stem}.png")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -2,26 +2,31 @@
 
 The replay (lite_ft.plan.activations) sees every aten op a micro-batch's forward, loss and backward dispatch, with
 the shapes, strides and dtypes of its arguments. Each distinct op is run here on real tensors of those shapes
-(values that keep the arithmetic finite: floats in [0.5, 1), integers 0, masks true) and timed; the times are
-cached per machine, thread count and torch version under ~/.cache/lite-ft/plan/op_times.json, so a plan measures
-only the shapes it has not seen. A micro-batch's compute time is the sum over its ops; the optimizer step is timed
-the same way on tensors of the trainable parameters' sizes.
+(values that keep the arithmetic finite: floats in [0.5, 1), integers 0, masks true) and timed with cold caches,
+as a step runs it: a model's weights and a layer's activations are larger than the CPU's caches and come from
+memory, where an op repeated on the same tensors would find them cached (MiniLM's steps of 16 short sentences ran
+1.4-2x slower than their ops timed warm, within 3% of their ops timed cold). The times are cached per machine,
+thread count and torch version under ~/.cache/lite-ft/plan/op_times.json, so a plan measures only the shapes it has
+not seen. A micro-batch's compute time is the sum over its ops; the update (gradient clipping and the optimizer
+step) is timed the same way on tensors of the trainable parameters' own shapes.
 
 Why ops and not FLOPs over one matmul rate: a step's time is not proportional to its FLOPs. A small micro-batch's
 matmuls reach a smaller share of the machine's peak, MiniLM's are smaller still, and element-wise work (norms,
 rotary embeddings, SiLU, dequantizing 4- and 8-bit weights, the optimizer) costs time the FLOP count does not see.
-What isolated timings still miss (page faults of fresh mappings, caches shared with other ops, the autograd
-engine's own work) is one measured factor, lite_ft.plan.speed.STEP_OVERHEAD.
+What isolated timings still miss (page faults of fresh mappings, the autograd engine's and Python's own work
+between ops) is one measured factor, lite_ft.plan.speed.STEP_OVERHEAD.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +38,9 @@ from lite_ft.sources.catalog import cache_dir
 
 Signature = tuple[Any, ...]  # (op name, argument specs, keyword specs): hashable, and a JSON key through repr()
 REPEATS = 5  # timed runs per op after one warm-up; the median is kept (single runs vary by 10-20% here)
+TIMING = "cold caches"  # how the cached times were taken: part of their key, so older warm timings are not reused
+UPDATE_VALUES = 1 << 25  # trainable values the update is timed on at most (4 fp32 copies: 512 MiB); a larger model
+# is timed on a sample of its parameters and scaled by its values (the update's cost is linear in them)
 SKIP = {"aten.detach.default", "aten.view.default", "aten._unsafe_view.default", "aten.t.default",
         "aten.expand.default", "aten.alias.default", "aten.as_strided.default", "aten.slice.Tensor",
         "aten.select.int", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.permute.default",
@@ -130,14 +138,33 @@ def _time(func: Callable[..., Any], sig: Signature) -> float | None:
 
 def _median_seconds(call: Callable[[], Any]) -> float:
     """Median seconds of `call` over REPEATS runs after one untimed run (first-touch page faults, kernel selection,
-    an optimizer's state)."""
+    an optimizer's state), each run with the CPU's caches emptied first (_flush_caches)."""
     call()
     times = []
     for _ in range(REPEATS):
+        _flush_caches()
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    """Twice the last-level cache this CPU reports (sysfs), 64 MiB where it reports none (twice most desktop and
+    laptop L3s), 512 MiB at most."""
+    size = 32 << 20
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()  # e.g. "32768K"
+        size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0)
+    except (OSError, ValueError):
+        pass
+    return torch.empty(min(2 * size, 512 << 20) // 4, dtype=torch.float32)
+
+
+def _flush_caches() -> None:
+    """Write a buffer larger than the caches: what a timed op reads next comes from memory (~5 ms for 64 MiB)."""
+    _flush_buffer().fill_(1.0)
 
 
 @functools.cache
@@ -154,9 +181,9 @@ class OpTimes:
 
     def __init__(self, machine: str) -> None:
         self.path = cache_dir() / "plan" / "op_times.json"
-        self.machine = machine
+        self.machine = f"{machine}|{TIMING}"
         stored = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
-        self.table: dict[str, float | None] = stored.get(machine, {})
+        self.table: dict[str, float | None] = stored.get(self.machine, {})
         self.measured = 0
 
     def seconds(self, trace: OpTrace) -> tuple[float, int]:
@@ -189,28 +216,37 @@ class OpTimes:
         tmp.replace(self.path)  # atomic: two plans at once never leave half a file
 
 
-def optimizer_seconds(shapes: Iterable[tuple[int, ...]], optimizer: str, table: OpTimes) -> float:
-    """Seconds of one optimizer step over trainable parameters of these shapes: the step timed on one tensor of
-    each distinct shape (capped at 2**22 values, scaled by the values beyond: the update is linear in them)."""
-    total = 0.0
-    for shape, count in Counter(tuple(s) for s in shapes).items():
-        numel = math.prod(shape)
-        timed = min(numel, 1 << 22)
-        measured = (timed,) if timed < numel else shape
-        seconds = table.lookup(repr(("optimizer", optimizer, timed if timed < numel else shape)),
-                               lambda: _optimizer_step(optimizer, measured))
-        total += count * (seconds or 0.0) * numel / timed
-    return total
+def update_seconds(shapes: list[tuple[int, ...]], optimizer: str, table: OpTimes) -> float:
+    """Seconds of one update over trainable parameters of these shapes, as the training loop makes it: gradient
+    clipping over all of them, then one AdamW (torch) or 8-bit AdamW (bitsandbytes) step. Timed on tensors of the
+    real shapes, because per-tensor overheads and the tensors' sizes both count (SmolLM2's 420 LoRA matrices: 0.019 s
+    in one step against 0.046 s summed over one-tensor steps; MiniLM's full update 0.065 s against 0.040 s for its
+    shapes timed one at a time, warm); above UPDATE_VALUES on every k-th parameter, scaled by the values."""
+    total = sum(math.prod(s) for s in shapes)
+    if not total:
+        return 0.0
+    every = max(1, math.ceil(total / UPDATE_VALUES))
+    timed = [s if math.prod(s) <= UPDATE_VALUES else (UPDATE_VALUES,) for s in shapes[::every]]
+    digest = hashlib.sha1(repr(timed).encode()).hexdigest()[:16]  # a LoRA model has hundreds of shapes
+    seconds = table.lookup(repr(("update", optimizer, len(timed), digest)), lambda: _update_step(optimizer, timed))
+    return (seconds or 0.0) * total / sum(math.prod(s) for s in timed)
 
 
-def _optimizer_step(optimizer: str, shape: tuple[int, ...]) -> float | None:
-    """Median seconds of one AdamW (torch) or 8-bit AdamW (bitsandbytes) step on one parameter of `shape`."""
-    p = torch.nn.Parameter(torch.rand(shape))
-    p.grad = torch.rand(shape)
+def _update_step(optimizer: str, shapes: list[tuple[int, ...]]) -> float | None:
+    """Median seconds of clip_grad_norm_ and one optimizer step over parameters of `shapes` (the untimed first
+    step creates the optimizer's state: not part of a steady step)."""
+    params = [torch.nn.Parameter(torch.rand(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.rand_like(p)
     if optimizer == "adamw8bit":
         import bitsandbytes as bnb  # only for 8-bit AdamW plans; a heavy import
 
-        opt = bnb.optim.AdamW8bit([p], lr=1e-4)
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4)
     else:
-        opt = torch.optim.AdamW([p], lr=1e-4)
-    return _median_seconds(opt.step)  # the untimed first step creates the state: not part of a steady step
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return _median_seconds(update)

@@ -36,14 +36,14 @@ from lite_ft.plan.parts import (
     parameter_counts,
     static_parts,
 )
-from lite_ft.plan.op_times import OpTimes, optimizer_seconds
-from lite_ft.plan.speed import machine_key, matmul_gflops, method_name, model_shape, seconds_per_step
+from lite_ft.plan.op_times import OpTimes, update_seconds
+from lite_ft.plan.speed import machine_key, matmul_gflops, method_name, model_shape, step_seconds
 from lite_ft.recipe.precision import precision_for
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
 
 # Resident memory of a micro-batch's transient tensors on the CPU against their live peak (which the replay counts),
-# per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration.md): HEAP x
+# per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration*.md): HEAP x
 # the transient peak, plus CHECKPOINTED x it with gradient checkpointing. lite_ft.allocator fixes glibc's mmap
 # threshold (4 MiB; 1 MiB with train.release_memory): tensors from there up get their own mappings, resident while
 # alive (on 2 MiB huge pages); the smaller ones share glibc's heap, which keeps freed blocks and fragments, and holds
@@ -54,25 +54,24 @@ from lite_ft.sources.resolve import resolve_source
 # threshold moves up to 32 MiB and nearly every activation lives in the heap (those factors were measured before
 # lite_ft.allocator, on another machine). A best-fit simulation of the heap over the replay's allocation trace came
 # out at about half the measured excess, so the factors are measured, not simulated. "quantized": QLoRA and LoRA
-# over an 8-bit base; its 4 MiB factor fell from 1.97 to 1.52 (the adapters' 1.43) once the quantized model stopped
-# mapping its float weights file (lite_ft.model.own_unquantized_weights): 300-400 MiB of the 1.97 were that file.
+# over an 8-bit base; its 4 MiB factor fell from 1.97 to 1.52 once the quantized model stopped mapping its float
+# weights file (lite_ft.model.own_unquantized_weights): 300-400 MiB of the 1.97 were that file.
 # jemalloc (preloaded by the lite-ft command where the system has it, lite_ft.allocator) keeps freed extents for
 # reuse and has no mmap threshold: its factor applies to the whole transient peak.
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
-        ("mmap 4 MiB", "full"): 0.70, ("mmap 4 MiB", "adapters"): 1.43, ("mmap 4 MiB", "quantized"): 1.52,
-        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.06, ("mmap 1 MiB", "quantized"): 1.0,
-        ("jemalloc", "full"): 0.60, ("jemalloc", "adapters"): 1.03, ("jemalloc", "quantized"): 1.04,
-        ("jemalloc, decay 0", "full"): 1.0, ("jemalloc, decay 0", "adapters"): 1.05,
+        ("mmap 4 MiB", "full"): 0.69, ("mmap 4 MiB", "adapters"): 1.40, ("mmap 4 MiB", "quantized"): 1.33,
+        ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.05, ("mmap 1 MiB", "quantized"): 1.0,
+        ("jemalloc", "full"): 0.78, ("jemalloc", "adapters"): 1.03, ("jemalloc", "quantized"): 1.06,
+        ("jemalloc, decay 0", "full"): 1.0, ("jemalloc, decay 0", "adapters"): 1.06,
         ("jemalloc, decay 0", "quantized"): 1.0, **{("preloaded", family): 1.0 for family in ("full", "adapters",
                                                                                              "quantized")}}
-CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.19, ("mmap 4 MiB", "adapters"): 1.50,
-                ("jemalloc", "full"): -0.32}  # jemalloc: a checkpointed full run keeps 0.28 x its transient peak
-# mmap rows fitted 2026-12-07 on a 2-core AMD EPYC (Zen 4), refitted at 03:28 UTC after the reused dequantization
-# buffers and the heap trim after loading (quantized and lora-b8-l384 measured again), quantized again at 06:15 UTC
-# once the weights file was let go (medians of 3 runs); at 1 MiB only adapters were
-# measured (one run), the other 1 MiB families and checkpointing under 1 MiB or with a quantized base are not
-# measured (neutral values). jemalloc rows fitted 2026-12-07 16:36 UTC on the AVX512-BF16 EPYC (jemalloc 5.3, its own
-# settings; one run per calibration row); "preloaded" (an allocator the user chose) is not measured (neutral)
+CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.42, ("mmap 4 MiB", "adapters"): 0.65,
+                ("jemalloc", "full"): 0.18, ("jemalloc", "adapters"): 0.06}
+# Fitted 2026-12-07 on a 2-core AMD EPYC with AVX512-BF16, one run per calibration row: mmap rows at 17:50 UTC
+# (LITE_FT_ALLOCATOR=glibc-tuned, calibration-glibc.md; 1 MiB: adapters only; the rest neutral), jemalloc rows
+# (5.3, its own settings) at 17:36 once the update's temporaries were taken to reuse the activations' memory (full
+# 0.60 -> 0.78). Full fine-tuning stays under 1: its gradients are made in the backward while the activations are
+# let go. "preloaded" (an allocator the user chose) is not measured (neutral).
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -178,6 +177,10 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     in_heap = transient.small_peak_mib if threshold else transient.peak_mib
     if device == "cpu":  # what glibc keeps resident beyond the live peak (HEAP, CHECKPOINTED)
         parts[f"allocator ({kind})"] = resident_excess(recipe, kind, transient.peak_mib)
+        if kind.startswith("jemalloc"):  # no mmap threshold: the update's temporaries reuse the memory the freed
+            # activations leave resident (8-bit AdamW's 540 MiB on full fine-tuning were predicted on top: +14.7%)
+            held = transient.peak_mib + parts[f"allocator ({kind})"]
+            parts["optimizer step temporaries"] = max(0.0, opt_temp - held)
     peak = sum(parts.values())
     if device == "cuda":
         parts["allocator (cuda reserve)"] = (peak - CUDA_CONTEXT_MIB) * (CUDA_RESERVE - 1)
@@ -189,9 +192,10 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     if device == "cpu" and speed:
         rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
         timing = _step_time(static, transient, shape, batches, recipe)
-        sps = seconds_per_step(timing["compute_seconds"], timing["optimizer_seconds"],
-                               method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory,
-                               kind)
+        timing["token_seconds"], timing["fixed_seconds"] = step_seconds(
+            timing["compute_seconds"], timing["update_seconds"], method_name(recipe.method, recipe.model.quantization),
+            recipe.train.release_memory, kind)
+        sps = timing["token_seconds"] + timing["fixed_seconds"]
         tps = batches.real_tokens / batches.steps / sps
         wall = sps * batches.steps
     available = gpu_memory_mib if device == "cuda" and gpu_memory_mib else _available_mib(device)
@@ -213,14 +217,14 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
 def _step_time(static: MetaModel, transient: Transient, shape: Shape, batches: Batches, recipe: Recipe
                ) -> dict[str, Any]:
     """Seconds of a mean step's ops, timed on this machine (op_times): the longest micro-batch's ops scaled to the
-    run's mean padded tokens per step (linear in tokens, as the FLOPs), and the optimizer step."""
-    table = OpTimes(machine_key())
+    run's mean padded tokens per step (linear in tokens, as the FLOPs), and the update (clipping, optimizer)."""
+    table = OpTimes(f"{machine_key()}|{allocator.run_allocator(False)}")  # ops are timed under the run's allocator
     micro, untimed = table.seconds(transient.ops)
     shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
-    opt = optimizer_seconds(shapes, recipe.train.optimizer, table)
+    update = update_seconds(shapes, recipe.train.optimizer, table)
     table.save()
     compute = micro * batches.padded_tokens / batches.steps / max(shape.rows * shape.width, 1)
-    return {"compute_seconds": compute, "optimizer_seconds": opt, "untimed_ops": untimed,
+    return {"compute_seconds": compute, "update_seconds": update, "untimed_ops": untimed,
             "ops_measured_now": table.measured}
 
 

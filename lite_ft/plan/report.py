@@ -36,8 +36,8 @@ def describe(plan: dict[str, Any]) -> str:
     if plan["seconds_per_step"] is not None:
         lines.append(f"speed: {plan['seconds_per_step']:.2f} s/step, {plan['tokens_per_second']:.0f} tokens/s, "
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
-                     f"(the step's ops timed on this machine: {plan['step_time']['compute_seconds']:.2f} s compute, "
-                     f"{plan['step_time']['optimizer_seconds']:.2f} s optimizer, before the measured overhead)")
+                     f"(timed on this machine: the step's ops {plan['step_time']['compute_seconds']:.2f} s before the measured "
+                     f"overhead, clipping and optimizer {plan['step_time']['update_seconds']:.2f} s)")
     else:
         why = "no op timings for a device that is not here" if plan["device"] == "cuda" else "not asked"
         lines.append(f"speed: not predicted ({why})")

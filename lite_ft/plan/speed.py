@@ -1,6 +1,6 @@
 """Seconds per step on this CPU: the replay's ops timed on this machine (lite_ft.plan.op_times) for the longest
-micro-batch, scaled to each step's tokens, plus the optimizer step, times a measured factor for what isolated op
-timings miss (STEP_OVERHEAD). The fp32 matmul rate at the model's shape, measured once and cached under
+micro-batch, scaled to each step's tokens, times a measured factor for what isolated op timings miss
+(STEP_OVERHEAD), plus the update (clipping and the optimizer step, timed on the trainable parameters' shapes). The fp32 matmul rate at the model's shape, measured once and cached under
 ~/.cache/lite-ft/plan/, is what MFU figures are given against.
 """
 from __future__ import annotations
@@ -14,17 +14,18 @@ import torch
 
 from lite_ft.sources.catalog import cache_dir
 
-# A training step's measured seconds over the sum of its ops' isolated timings (lite_ft.plan.op_times), per method:
-# page faults of fresh mappings, caches shared between ops, the autograd engine and Python between ops.
-# Fitted by benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration.md).
-STEP_OVERHEAD = {"full": 0.99, "lora": 0.85, "qlora": 0.93, "lora-8bit": 0.74}  # fitted 2026-12-07, 2-core AMD EPYC
-# (lora, qlora and lora-8bit refitted at 03:28 UTC after the reused dequantization buffers, qlora and lora-8bit at
-# 06:15 on the median of 3 runs each: 4.51-5.47 and 4.55-6.95 s a step); under 1 where a real
-# step ran faster than its ops timed one by one (why was not isolated). This VM's speed varied by up to 2x within
-# minutes while they were measured (README, plan accuracy): they carry that noise
-# the same under jemalloc (its own settings), fitted 2026-12-07 16:36 UTC on a 2-core AMD EPYC with AVX512-BF16,
-# one run per calibration row, with the op times cached on that machine (some timed under glibc in earlier sessions)
-STEP_OVERHEAD_JEMALLOC = {"full": 1.27, "lora": 1.21, "qlora": 1.39, "lora-8bit": 1.17}
+# A training step's measured seconds, less its timed update, over the sum of its ops' timings with cold caches
+# (lite_ft.plan.op_times), per method: page faults of fresh mappings, the autograd engine and Python between ops, and
+# what cold timings overstate (an op's input often is still in cache from the op before). Fitted by
+# benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration*.md).
+# lite-ft's glibc setup: fitted 2026-12-07 17:50 UTC on the same machine (LITE_FT_ALLOCATOR=glibc-tuned), one run per
+# calibration row. Larger, and more spread (1.17-2.80 over the rows), than jemalloc's: the step's large outputs are
+# fresh mappings whose pages fault in on first touch, more of them in a real step than in one op timed alone
+STEP_OVERHEAD = {"full": 1.32, "lora": 1.63, "qlora": 1.49, "lora-8bit": 1.38}
+# under jemalloc (its own settings): fitted 2026-12-07 17:23 UTC on a 2-core AMD EPYC with AVX512-BF16, one run per
+# calibration row (before the ops were timed cold and the update on its own: 1.17-1.39, and 2.14 for MiniLM's short
+# full fine-tuning steps)
+STEP_OVERHEAD_JEMALLOC = {"full": 0.91, "lora": 1.01, "qlora": 1.06, "lora-8bit": 1.12}
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
@@ -69,10 +70,11 @@ def method_name(method: str, quantization: str | None) -> str:
     return "lora-8bit" if method == "lora" and quantization == "8bit" else method
 
 
-def seconds_per_step(compute_seconds: float, optimizer_seconds: float, method: str, release_memory: bool,
-                     allocator: str = "mmap 4 MiB") -> float:
-    """Predicted seconds of one optimizer step on this CPU from its ops' timed seconds and the optimizer's, under
-    the allocator lite_ft.plan.predict.allocator_model names (jemalloc's own factors where it is the one)."""
+def step_seconds(compute_seconds: float, update_seconds: float, method: str, release_memory: bool,
+                 allocator: str = "mmap 4 MiB") -> tuple[float, float]:
+    """Predicted seconds of one optimizer step on this CPU as (the part that grows with the step's tokens, the
+    fixed part): its ops' timed seconds times STEP_OVERHEAD (jemalloc's own factors where it is the allocator
+    lite_ft.plan.predict.allocator_model names), and the timed update."""
     overhead = STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD
-    seconds = (compute_seconds + optimizer_seconds) * overhead[method]
-    return seconds / RELEASE_SPEED if release_memory else seconds
+    slower = 1 / RELEASE_SPEED if release_memory else 1.0
+    return compute_seconds * overhead[method] * slower, update_seconds * slower

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lite_ft.plan import op_times
-from lite_ft.plan.op_times import OpTimes, OpTrace, optimizer_seconds
+from lite_ft.plan.op_times import OpTimes, OpTrace, update_seconds
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +69,21 @@ def test_times_are_cached_per_machine() -> None:
     assert other.measured == first.measured
 
 
-def test_optimizer_step_time_counts_every_tensor() -> None:
+def test_the_update_is_timed_on_all_the_trainable_shapes_together() -> None:
+    """Clipping and the optimizer step run over the real list of parameters (one timing for the list, not one per
+    shape): more tensors take longer, and the list's time is cached."""
     table = OpTimes("test-machine")
-    one = optimizer_seconds([(256, 256)], "adamw", table)
-    three = optimizer_seconds([(256, 256)] * 3, "adamw", table)
-    assert one > 0 and three == pytest.approx(3 * one)  # one timing per distinct shape, counted per tensor
+    one = update_seconds([(256, 256)], "adamw", table)
+    more = update_seconds([(256, 256)] * 6 + [(64, 256)] * 2, "adamw", table)  # 6.5x the values, 8x the tensors
+    assert 0 < one < more
+    measured = table.measured
+    assert update_seconds([(256, 256)], "adamw", table) == one and table.measured == measured
+
+
+def test_a_large_model_is_timed_on_a_sample_and_scaled_by_its_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(op_times, "UPDATE_VALUES", 256 * 256)
+    table = OpTimes("test-machine")
+    one = update_seconds([(256, 256)], "adamw", table)
+    eight = update_seconds([(256, 256)] * 8, "adamw", table)  # every 8th: the one tensor above, times 8
+    assert eight == pytest.approx(8 * one)
+    assert update_seconds([(1024, 256)], "adamw", table) > 0  # one tensor over the cap: timed on the cap's values

@@ -171,6 +171,27 @@ def test_plan_json_parts_add_up_and_cuda_plan_from_config_only(make_doc, write_r
     assert "weights (4-bit nf4)" in cplan["parts"] and any("no tokenizer" in n for n in cplan["notes"])
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_under_jemalloc_the_update_reuses_the_activations_memory(make_doc, write_recipe, monkeypatch, batch):
+    """jemalloc has no mmap threshold: the optimizer step's temporaries come from the memory the freed activations
+    leave resident, so full fine-tuning's training peak is the static parts plus the larger of the two, not their
+    sum (which lite-ft's glibc setup keeps: its large temporaries are fresh mappings)."""
+    import lite_ft.allocator
+
+    doc = make_doc("qa", "full", train={"batch_size": batch, "optimizer": "adamw8bit"})
+    recipe = load_recipe(write_recipe(doc))
+    monkeypatch.setattr(lite_ft.allocator, "run_allocator", lambda release: "jemalloc")
+    parts = predict(recipe, speed=False)["parts"]
+    resident = (parts["activations (kept for backward)"] + parts["output layer, loss and backward workspace"]
+                + parts["allocator (jemalloc)"])
+    static = sum(v for k, v in parts.items() if not k.startswith(("activations", "output layer", "allocator",
+                                                                    "optimizer step")))
+    monkeypatch.setattr(lite_ft.allocator, "run_allocator", lambda release: "mmap 4 MiB")
+    temporaries = predict(recipe, speed=False)["parts"]["optimizer step temporaries"]
+    assert temporaries > 0
+    assert sum(parts.values()) == pytest.approx(static + max(resident, temporaries))
+
+
 def test_budget_finds_a_smaller_micro_batch_that_fits(make_doc, write_recipe):
     recipe = load_recipe(write_recipe(make_doc("qa", "lora", train={"batch_size": 8}, data={"limit_train": 8})))
     ctx = prepare(recipe)
