@@ -36,8 +36,12 @@ def describe(plan: dict[str, Any]) -> str:
     if plan["seconds_per_step"] is not None:
         lines.append(f"speed: {plan['seconds_per_step']:.2f} s/step, {plan['tokens_per_second']:.0f} tokens/s, "
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
-                     f"(timed on this machine: the step's ops {plan['step_time']['compute_seconds']:.2f} s before the measured "
-                     f"overhead, clipping and optimizer {plan['step_time']['update_seconds']:.2f} s)")
+                     f"(timed on this machine: the step's ops {plan['step_time']['compute_seconds']:.2f} s before the "
+                     f"measured overhead, clipping and optimizer {plan['step_time']['update_seconds']:.2f} s)")
+        if plan["allocator"].startswith(("mmap", "glibc")):  # the grid: glibc's step overhead spreads 1.2-2.8x
+            lines.append("  (under glibc a step's time depends more on its shapes, through page faults of fresh "
+                         "mappings: less certain than under jemalloc, which lite-ft uses where installed: "
+                         "apt install libjemalloc2)")
     else:
         why = "no op timings for a device that is not here" if plan["device"] == "cuda" else "not asked"
         lines.append(f"speed: not predicted ({why})")

@@ -1,7 +1,8 @@
 """Seconds per step on this CPU: the replay's ops timed on this machine (lite_ft.plan.op_times) for the longest
 micro-batch, scaled to each step's tokens, times a measured factor for what isolated op timings miss
-(STEP_OVERHEAD), plus the update (clipping and the optimizer step, timed on the trainable parameters' shapes). The fp32 matmul rate at the model's shape, measured once and cached under
-~/.cache/lite-ft/plan/, is what MFU figures are given against.
+(STEP_OVERHEAD), plus the update (clipping and the optimizer step, timed on the trainable parameters' shapes).
+The fp32 matmul rate at the model's shape, measured once and cached under ~/.cache/lite-ft/plan/, is what MFU
+figures are given against.
 """
 from __future__ import annotations
 
