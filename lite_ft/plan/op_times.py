@@ -4,8 +4,8 @@ The replay (lite_ft.plan.activations) sees every aten op a micro-batch's forward
 the shapes, strides and dtypes of its arguments. Each distinct op is run here on real tensors of those shapes
 (values that keep the arithmetic finite: floats in [0.5, 1), integers 0, masks true) and timed with cold caches,
 as a step runs it: a model's weights and a layer's activations are larger than the CPU's caches and come from
-memory, where an op repeated on the same tensors would find them cached (MiniLM's steps of 16 short sentences ran
-1.4-2x slower than their ops timed warm, within 3% of their ops timed cold). The times are cached per machine,
+memory, where an op repeated on the same tensors would find them cached (MiniLM's full fine-tuning steps ran
+1.4-2x their ops timed warm, 0.97-1.10x their ops timed cold; SmolLM2's 0.98-1.00x). The times are cached per machine,
 thread count and torch version under ~/.cache/lite-ft/plan/op_times.json, so a plan measures only the shapes it has
 not seen. A micro-batch's compute time is the sum over its ops; the update (gradient clipping and the optimizer
 step) is timed the same way on tensors of the trainable parameters' own shapes.
