@@ -7,7 +7,7 @@
   peak of the longest micro-batch;
 - STEP_OVERHEAD and STEP_OVERHEAD_JEMALLOC (lite_ft.plan.speed): per allocator and method, the median of measured
   seconds per step less the plan's timed update, over the plan's sum of the step's ops timed in isolation
-  (lite_ft.plan.op_times), both for the tokens of the timed steps.
+  (lite_ft.plan.op_times; a fixed part per micro-batch and a part per token) for the tokens of the timed steps.
 
 Runs the predictor in this one process (no weights are loaded), with the constants neutral (HEAP 1, CHECKPOINTED 0,
 STEP_OVERHEAD 1), and writes calibration.json and calibration.md next to the results. The constants in the code are
@@ -97,8 +97,10 @@ def main() -> None:
         timing = plan["step_time"]
         mean_tokens = plan["tokens_per_second"] * plan["seconds_per_step"]
         timed = measured.get("tokens_per_step", mean_tokens)
-        overhead = ((measured["seconds_per_step"] - timing["fixed_seconds"])
-                    / (timing["token_seconds"] * timed / mean_tokens))
+        slower = 1 / speed.RELEASE_SPEED if recipe.train.release_memory else 1.0
+        fixed_ops = timing["compute_fixed_seconds"]
+        ops = (fixed_ops + (timing["compute_seconds"] - fixed_ops) * timed / mean_tokens) * slower
+        overhead = (measured["seconds_per_step"] - timing["update_seconds"] * slower) / ops
         rows[name] = {"allocator": plan["allocator"], "family": family,
                       "method": method_name(recipe.method, recipe.model.quantization), "heap_factor": heap,
                       "heap_mib": in_heap, "excess_mib": excess, "measured_mib": measured["max_rss_mib"],

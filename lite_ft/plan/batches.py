@@ -28,6 +28,16 @@ class Batches:
     worst_step: int  # the (1-based) step holding the largest micro-batch
     padded_tokens: int  # over the whole run: what the forward and backward compute on
     real_tokens: int
+    micro_batches: int  # over the whole run
+
+    def typical(self) -> Shape | None:
+        """The shape closest to the run's mean micro-batch (padded tokens), where it is under 3/4 of the longest:
+        a second point for the step's time, whose per-op costs (reading weights, launching ops) do not shrink with
+        the tokens. None where the micro-batches are all about as long."""
+        mean = self.padded_tokens / max(self.micro_batches, 1)
+        nearest = min(self.shapes, key=lambda s: abs(s.rows * s.width - mean))
+        longest = self.shapes[0].rows * self.shapes[0].width
+        return nearest if nearest.rows * nearest.width < 0.75 * longest else None
 
     def worst(self, n: int = 2) -> list[Shape]:
         """The shapes that can set the peak: the most padded tokens, and the widest (attention grows faster)."""
@@ -55,7 +65,7 @@ def run_batches(lengths: list[int], units: list[int], cfg: TrainConfig) -> Batch
     per_epoch = steps_per_epoch(len(lengths), cfg)
     found: dict[tuple[int, int], Shape] = {}
     first_at: dict[tuple[int, int], int] = {}
-    padded = real = 0
+    padded = real = micro_batches = 0
     done = 0
     epoch = 0
     while done < steps:
@@ -71,10 +81,12 @@ def run_batches(lengths: list[int], units: list[int], cfg: TrainConfig) -> Batch
                     found[key] = shape
                 first_at.setdefault(key, done)
                 padded += len(micro) * width
+                micro_batches += 1
                 real += sum(lengths[i] for i in micro)
         epoch += 1
         if per_epoch == 0:
             break
     shapes = sorted(found.values(), key=lambda s: (-(s.rows * s.width), -s.width))
     return Batches(steps=steps, examples=len(lengths), shapes=shapes,
-                   worst_step=first_at[(shapes[0].rows, shapes[0].width)], padded_tokens=padded, real_tokens=real)
+                   worst_step=first_at[(shapes[0].rows, shapes[0].width)], padded_tokens=padded, real_tokens=real,
+                   micro_batches=micro_batches)

@@ -7,8 +7,9 @@ as a step runs it: a model's weights and a layer's activations are larger than t
 memory, where an op repeated on the same tensors would find them cached (MiniLM's full fine-tuning steps ran
 1.4-2x their ops timed warm, 0.97-1.10x their ops timed cold; SmolLM2's 0.98-1.00x). The times are cached per machine,
 thread count and torch version under ~/.cache/lite-ft/plan/op_times.json, so a plan measures only the shapes it has
-not seen. A micro-batch's compute time is the sum over its ops; the update (gradient clipping and the optimizer
-step) is timed the same way on tensors of the trainable parameters' own shapes.
+not seen. A micro-batch's compute time is the sum over its ops (lite_ft.plan.predict fits a fixed part and a part
+per token on two micro-batches); the update (gradient clipping and the optimizer step) is timed the same way on
+tensors of the trainable parameters' own shapes.
 
 Why ops and not FLOPs over one matmul rate: a step's time is not proportional to its FLOPs. A small micro-batch's
 matmuls reach a smaller share of the machine's peak, MiniLM's are smaller still, and element-wise work (norms,

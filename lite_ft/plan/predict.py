@@ -65,8 +65,8 @@ HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("
         ("jemalloc, decay 0", "full"): 1.0, ("jemalloc, decay 0", "adapters"): 1.06,
         ("jemalloc, decay 0", "quantized"): 1.0, **{("preloaded", family): 1.0 for family in ("full", "adapters",
                                                                                              "quantized")}}
-CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.42, ("mmap 4 MiB", "adapters"): 0.65,
-                ("jemalloc", "full"): 0.18, ("jemalloc", "adapters"): 0.06}
+CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.40, ("mmap 4 MiB", "adapters"): 0.65,
+                ("jemalloc", "full"): 0.22, ("jemalloc", "adapters"): 0.06}
 # Fitted 2026-12-07 on a 2-core AMD EPYC with AVX512-BF16, one run per calibration row: mmap rows at 17:50 UTC
 # (LITE_FT_ALLOCATOR=glibc-tuned, calibration-glibc.md; 1 MiB: adapters only; the rest neutral), jemalloc rows
 # (5.3, its own settings) at 17:36 once the update's temporaries were taken to reuse the activations' memory (full
@@ -191,10 +191,12 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     sps = tps = wall = rate = timing = None
     if device == "cpu" and speed:
         rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
-        timing = _step_time(static, transient, shape, batches, recipe)
+        typical = batches.typical()
+        second = _transient(ctx, recipe, replay_dtype, typical) if typical else None
+        timing = _step_time(static, (shape, transient), second, batches, recipe)
         timing["token_seconds"], timing["fixed_seconds"] = step_seconds(
-            timing["compute_seconds"], timing["update_seconds"], method_name(recipe.method, recipe.model.quantization),
-            recipe.train.release_memory, kind)
+            timing["compute_seconds"], timing["compute_fixed_seconds"], timing["update_seconds"],
+            method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory, kind)
         sps = timing["token_seconds"] + timing["fixed_seconds"]
         tps = batches.real_tokens / batches.steps / sps
         wall = sps * batches.steps
@@ -214,18 +216,28 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
             "notes": list(ctx.notes)}
 
 
-def _step_time(static: MetaModel, transient: Transient, shape: Shape, batches: Batches, recipe: Recipe
-               ) -> dict[str, Any]:
-    """Seconds of a mean step's ops, timed on this machine (op_times): the longest micro-batch's ops scaled to the
-    run's mean padded tokens per step (linear in tokens, as the FLOPs), and the update (clipping, optimizer)."""
+def _step_time(static: MetaModel, longest: tuple[Shape, Transient], typical: tuple[Shape, Transient] | None,
+               batches: Batches, recipe: Recipe) -> dict[str, Any]:
+    """Seconds of a mean step's ops, timed on this machine (op_times), and of the update (clipping, optimizer).
+    The ops' time of a micro-batch is a fixed part plus a part linear in its tokens, from the longest micro-batch
+    and a typical one (Batches.typical); with no typical one, proportional to the tokens, as the FLOPs."""
     table = OpTimes(f"{machine_key()}|{allocator.run_allocator(False)}")  # ops are timed under the run's allocator
-    micro, untimed = table.seconds(transient.ops)
+    shape, transient = longest
+    big, untimed = table.seconds(transient.ops)
+    n_big = shape.rows * shape.width
+    per_token, fixed = big / max(n_big, 1), 0.0
+    if typical is not None:
+        small, n_small = table.seconds(typical[1].ops)[0], typical[0].rows * typical[0].width
+        slope = (big - small) / (n_big - n_small)
+        if slope > 0 and big - slope * n_big >= 0:  # else timing noise: keep the proportional estimate
+            per_token, fixed = slope, big - slope * n_big
     shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
     update = update_seconds(shapes, recipe.train.optimizer, table)
     table.save()
-    compute = micro * batches.padded_tokens / batches.steps / max(shape.rows * shape.width, 1)
-    return {"compute_seconds": compute, "update_seconds": update, "untimed_ops": untimed,
-            "ops_measured_now": table.measured}
+    compute_fixed = fixed * batches.micro_batches / batches.steps
+    compute = per_token * batches.padded_tokens / batches.steps + compute_fixed
+    return {"compute_seconds": compute, "compute_fixed_seconds": compute_fixed, "update_seconds": update,
+            "untimed_ops": untimed, "ops_measured_now": table.measured}
 
 
 def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:

@@ -19,14 +19,14 @@ from lite_ft.sources.catalog import cache_dir
 # (lite_ft.plan.op_times), per method: page faults of fresh mappings, the autograd engine and Python between ops, and
 # what cold timings overstate (an op's input often is still in cache from the op before). Fitted by
 # benchmarks/plan_calibrate.py on the plan grid (benchmarks/results/plan-cpu/calibration*.md).
-# lite-ft's glibc setup: fitted 2026-12-07 17:50 UTC on the same machine (LITE_FT_ALLOCATOR=glibc-tuned), one run per
-# calibration row. Larger, and more spread (1.17-2.80 over the rows), than jemalloc's: the step's large outputs are
+# lite-ft's glibc setup: fitted 2026-12-07 18:58 UTC on the same machine (LITE_FT_ALLOCATOR=glibc-tuned), one run per
+# calibration row. Larger, and more spread (0.94-2.80 over the rows), than jemalloc's: the step's large outputs are
 # fresh mappings whose pages fault in on first touch, more of them in a real step than in one op timed alone
-STEP_OVERHEAD = {"full": 1.32, "lora": 1.63, "qlora": 1.49, "lora-8bit": 1.38}
-# under jemalloc (its own settings): fitted 2026-12-07 17:23 UTC on a 2-core AMD EPYC with AVX512-BF16, one run per
+STEP_OVERHEAD = {"full": 1.32, "lora": 1.33, "qlora": 1.49, "lora-8bit": 1.38}
+# under jemalloc (its own settings): fitted 2026-12-07 18:55 UTC on a 2-core AMD EPYC with AVX512-BF16, one run per
 # calibration row (before the ops were timed cold and the update on its own: 1.17-1.39, and 2.14 for MiniLM's short
 # full fine-tuning steps)
-STEP_OVERHEAD_JEMALLOC = {"full": 0.91, "lora": 1.01, "qlora": 1.06, "lora-8bit": 1.12}
+STEP_OVERHEAD_JEMALLOC = {"full": 0.91, "lora": 0.98, "qlora": 1.06, "lora-8bit": 1.12}
 RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
 # plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
 
@@ -71,11 +71,13 @@ def method_name(method: str, quantization: str | None) -> str:
     return "lora-8bit" if method == "lora" and quantization == "8bit" else method
 
 
-def step_seconds(compute_seconds: float, update_seconds: float, method: str, release_memory: bool,
-                 allocator: str = "mmap 4 MiB") -> tuple[float, float]:
+def step_seconds(compute_seconds: float, compute_fixed_seconds: float, update_seconds: float, method: str,
+                 release_memory: bool, allocator: str = "mmap 4 MiB") -> tuple[float, float]:
     """Predicted seconds of one optimizer step on this CPU as (the part that grows with the step's tokens, the
-    fixed part): its ops' timed seconds times STEP_OVERHEAD (jemalloc's own factors where it is the allocator
-    lite_ft.plan.predict.allocator_model names), and the timed update."""
+    fixed part): its ops' timed seconds (of which `compute_fixed_seconds` do not grow with the tokens) times
+    STEP_OVERHEAD (jemalloc's own factors where it is the allocator lite_ft.plan.predict.allocator_model names),
+    and the timed update."""
     overhead = STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD
-    slower = 1 / RELEASE_SPEED if release_memory else 1.0
-    return compute_seconds * overhead[method] * slower, update_seconds * slower
+    slower = (1 / RELEASE_SPEED if release_memory else 1.0) * overhead[method]
+    tokens = (compute_seconds - compute_fixed_seconds) * slower
+    return tokens, compute_fixed_seconds * slower + update_seconds * (slower / overhead[method])

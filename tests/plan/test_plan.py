@@ -151,6 +151,20 @@ def test_longest_micro_batch_is_the_longest_the_loop_collates(make_doc, write_re
     assert batches.padded_tokens == sum(r * w for r, w in seen)
 
 
+def test_the_typical_micro_batch_is_a_second_point_for_the_step_time() -> None:
+    """Short micro-batches cost more than their share of the longest one's time (weights are read and ops launched
+    whatever the tokens), so the plan times a typical micro-batch too, where the run has much shorter ones."""
+    from lite_ft.plan.batches import Batches
+
+    shapes = [Shape(rows=8, width=100, units=8), Shape(rows=8, width=20, units=8), Shape(rows=8, width=12, units=8)]
+    varied = Batches(steps=10, examples=80, shapes=shapes, worst_step=3, padded_tokens=8 * 100 + 9 * 8 * 15,
+                     real_tokens=1000, micro_batches=10)
+    assert varied.typical() == shapes[1]  # mean 188 padded tokens a micro-batch: nearest 8 x 20
+    uniform = Batches(steps=10, examples=80, shapes=shapes[:1], worst_step=1, padded_tokens=8000, real_tokens=7000,
+                      micro_batches=10)
+    assert uniform.typical() is None
+
+
 def test_plan_json_parts_add_up_and_cuda_plan_from_config_only(make_doc, write_recipe, tiny_llama_dir, tmp_path):
     path = write_recipe(make_doc("qa", "lora"))
     result = CliRunner().invoke(main, ["plan", str(path), "--json"])
