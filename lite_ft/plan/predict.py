@@ -36,28 +36,22 @@ from lite_ft.plan.parts import (
     parameter_counts,
     static_parts,
 )
-from lite_ft.plan.op_times import OpTimes, update_seconds
-from lite_ft.plan.speed import machine_key, matmul_gflops, method_name, model_shape, step_seconds
+from lite_ft.plan.speed import matmul_gflops, method_name, model_shape, step_seconds, step_time
 from lite_ft.recipe.precision import precision_for
 from lite_ft.recipe.schema import Recipe
 from lite_ft.sources.resolve import resolve_source
 
 # Resident memory of a micro-batch's transient tensors on the CPU against their live peak (which the replay counts),
 # per allocator and method family, measured on this machine (benchmarks/results/plan-cpu/calibration*.md): HEAP x
-# the transient peak, plus CHECKPOINTED x it with gradient checkpointing. lite_ft.allocator fixes glibc's mmap
-# threshold (4 MiB; 1 MiB with train.release_memory): tensors from there up get their own mappings, resident while
-# alive (on 2 MiB huge pages); the smaller ones share glibc's heap, which keeps freed blocks and fragments, and holds
-# on to what the run's shorter micro-batches put there (their tensors fall under the threshold more often). A
-# checkpointed step recomputes each layer in backward and cycles those tensors through the heap layer by layer:
-# after one such step of 8 x 162 tokens glibc's heap held 1,027 MiB with 221 MiB in use (mallinfo2, 2026-12-06), so
-# the factor is higher with checkpointing although the live peak is lower. With LITE_FT_ALLOCATOR=glibc the
-# threshold moves up to 32 MiB and nearly every activation lives in the heap (those factors were measured before
-# lite_ft.allocator, on another machine). A best-fit simulation of the heap over the replay's allocation trace came
-# out at about half the measured excess, so the factors are measured, not simulated. "quantized": QLoRA and LoRA
-# over an 8-bit base; its 4 MiB factor fell from 1.97 to 1.52 once the quantized model stopped mapping its float
-# weights file (lite_ft.model.own_unquantized_weights): 300-400 MiB of the 1.97 were that file.
-# jemalloc (preloaded by the lite-ft command where the system has it, lite_ft.allocator) keeps freed extents for
-# reuse and has no mmap threshold: its factor applies to the whole transient peak.
+# the transient peak, plus CHECKPOINTED x it with gradient checkpointing. Under lite-ft's glibc setup
+# (lite_ft.allocator: mmap threshold 4 MiB, 1 MiB with train.release_memory) tensors from the threshold up get their
+# own mappings; the smaller ones share glibc's heap, which keeps freed blocks, fragments, and holds on to what shorter
+# micro-batches put there; a checkpointed step cycles each layer's recomputation through it (after one step of
+# 8 x 162 tokens the heap held 1,027 MiB with 221 MiB in use, mallinfo2), so its factor is higher although the live
+# peak is lower. The glibc-default row (threshold up to 32 MiB) is from before lite_ft.allocator, another machine.
+# A best-fit simulation of the heap over the replay's allocation trace gave about half the measured excess, so the
+# factors are measured. "quantized": QLoRA and LoRA over an 8-bit base. jemalloc (preloaded where the system has it)
+# has no mmap threshold: its factor applies to the whole transient peak.
 HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("glibc default", "quantized"): 1.84,
         ("mmap 4 MiB", "full"): 0.69, ("mmap 4 MiB", "adapters"): 1.40, ("mmap 4 MiB", "quantized"): 1.33,
         ("mmap 1 MiB", "full"): 1.0, ("mmap 1 MiB", "adapters"): 1.05, ("mmap 1 MiB", "quantized"): 1.0,
@@ -67,11 +61,9 @@ HEAP = {("glibc default", "full"): 0.78, ("glibc default", "adapters"): 1.84, ("
                                                                                              "quantized")}}
 CHECKPOINTED = {**{key: 0.0 for key in HEAP}, ("mmap 4 MiB", "full"): 1.40, ("mmap 4 MiB", "adapters"): 0.65,
                 ("jemalloc", "full"): 0.22, ("jemalloc", "adapters"): 0.06}
-# Fitted 2026-12-07 on a 2-core AMD EPYC with AVX512-BF16, one run per calibration row: mmap rows at 17:50 UTC
-# (LITE_FT_ALLOCATOR=glibc-tuned, calibration-glibc.md; 1 MiB: adapters only; the rest neutral), jemalloc rows
-# (5.3, its own settings) at 17:36 once the update's temporaries were taken to reuse the activations' memory (full
-# 0.60 -> 0.78). Full fine-tuning stays under 1: its gradients are made in the backward while the activations are
-# let go. "preloaded" (an allocator the user chose) is not measured (neutral).
+# Fitted 2026-12-07 18:55-18:58 UTC on a 2-core AVX512-BF16 EPYC, one run per calibration row (1 MiB: adapters only;
+# unmeasured rows neutral, "preloaded" too). Full fine-tuning stays under 1: its gradients are made in the backward
+# while the activations are let go.
 CUDA_CONTEXT_MIB = 500.0  # CUDA context + cuBLAS workspace, typical of recent drivers; assumed, not measured here
 CUDA_RESERVE = 1.05  # caching allocator: reserved over allocated at the peak; assumed, not measured here
 
@@ -193,7 +185,8 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
         rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
         typical = batches.typical()
         second = _transient(ctx, recipe, replay_dtype, typical) if typical else None
-        timing = _step_time(static, (shape, transient), second, batches, recipe)
+        trainable_shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
+        timing = step_time((shape, transient), second, batches, trainable_shapes, recipe.train.optimizer)
         timing["token_seconds"], timing["fixed_seconds"] = step_seconds(
             timing["compute_seconds"], timing["compute_fixed_seconds"], timing["update_seconds"],
             method_name(recipe.method, recipe.model.quantization), recipe.train.release_memory, kind)
@@ -214,30 +207,6 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
             "allocator": kind if device == "cpu" else "cuda caching allocator (reserve assumed)",
             "heap_mib": in_heap,
             "notes": list(ctx.notes)}
-
-
-def _step_time(static: MetaModel, longest: tuple[Shape, Transient], typical: tuple[Shape, Transient] | None,
-               batches: Batches, recipe: Recipe) -> dict[str, Any]:
-    """Seconds of a mean step's ops, timed on this machine (op_times), and of the update (clipping, optimizer).
-    The ops' time of a micro-batch is a fixed part plus a part linear in its tokens, from the longest micro-batch
-    and a typical one (Batches.typical); with no typical one, proportional to the tokens, as the FLOPs."""
-    table = OpTimes(f"{machine_key()}|{allocator.run_allocator(False)}")  # ops are timed under the run's allocator
-    shape, transient = longest
-    big, untimed = table.seconds(transient.ops)
-    n_big = shape.rows * shape.width
-    per_token, fixed = big / max(n_big, 1), 0.0
-    if typical is not None:
-        small, n_small = table.seconds(typical[1].ops)[0], typical[0].rows * typical[0].width
-        slope = (big - small) / (n_big - n_small)
-        if slope > 0 and big - slope * n_big >= 0:  # else timing noise: keep the proportional estimate
-            per_token, fixed = slope, big - slope * n_big
-    shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
-    update = update_seconds(shapes, recipe.train.optimizer, table)
-    table.save()
-    compute_fixed = fixed * batches.micro_batches / batches.steps
-    compute = per_token * batches.padded_tokens / batches.steps + compute_fixed
-    return {"compute_seconds": compute, "compute_fixed_seconds": compute_fixed, "update_seconds": update,
-            "untimed_ops": untimed, "ops_measured_now": table.measured}
 
 
 def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:

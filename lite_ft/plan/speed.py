@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+from lite_ft import allocator
+from lite_ft.plan.activations import Shape, Transient
+from lite_ft.plan.batches import Batches
+from lite_ft.plan.op_times import OpTimes, update_seconds
 from lite_ft.sources.catalog import cache_dir
 
 # A training step's measured seconds, less its timed update, over the sum of its ops' timings with cold caches
@@ -81,3 +85,26 @@ def step_seconds(compute_seconds: float, compute_fixed_seconds: float, update_se
     slower = (1 / RELEASE_SPEED if release_memory else 1.0) * overhead[method]
     tokens = (compute_seconds - compute_fixed_seconds) * slower
     return tokens, compute_fixed_seconds * slower + update_seconds * (slower / overhead[method])
+
+
+def step_time(longest: tuple[Shape, Transient], typical: tuple[Shape, Transient] | None, batches: Batches,
+              trainable_shapes: list[tuple[int, ...]], optimizer: str) -> dict[str, Any]:
+    """Seconds of a mean step's ops, timed on this machine (op_times), and of the update (clipping, optimizer).
+    The ops' time of a micro-batch is a fixed part plus a part linear in its tokens, from the longest micro-batch
+    and a typical one (Batches.typical); with no typical one, proportional to the tokens, as the FLOPs."""
+    table = OpTimes(f"{machine_key()}|{allocator.run_allocator(False)}")  # ops are timed under the run's allocator
+    shape, transient = longest
+    big, untimed = table.seconds(transient.ops)
+    n_big = shape.rows * shape.width
+    per_token, fixed = big / max(n_big, 1), 0.0
+    if typical is not None:
+        small, n_small = table.seconds(typical[1].ops)[0], typical[0].rows * typical[0].width
+        slope = (big - small) / (n_big - n_small)
+        if slope > 0 and big - slope * n_big >= 0:  # else timing noise: keep the proportional estimate
+            per_token, fixed = slope, big - slope * n_big
+    update = update_seconds(trainable_shapes, optimizer, table)
+    table.save()
+    compute_fixed = fixed * batches.micro_batches / batches.steps
+    compute = per_token * batches.padded_tokens / batches.steps + compute_fixed
+    return {"compute_seconds": compute, "compute_fixed_seconds": compute_fixed, "update_seconds": update,
+            "untimed_ops": untimed, "ops_measured_now": table.measured}
