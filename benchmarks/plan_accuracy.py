@@ -128,14 +128,13 @@ def measured_figures(name: str) -> dict[str, Any]:
 def timed_steps_seconds(p: dict[str, Any], m: dict[str, Any]) -> float:
     """The plan's seconds for a step of the timed steps' real tokens: the measurement leaves out step 1 (warm-up),
     and with length grouping the steps differ in length (lora-b2-l1024: the longest batch is step 1), so the
-    plan's per-token part (its ops) is applied to the tokens of the steps that were timed and its fixed part (the
-    update) added as it is. Older measurements without token counts fall back to the plan's mean step."""
+    plan's per-token part is applied to the tokens of the steps that were timed and its fixed part (per-micro-batch
+    op costs and the update) added as it is. Older measurements without token counts fall back to the plan's mean
+    step."""
     if "tokens_per_step" not in m or not p.get("tokens_per_second"):
         return p["seconds_per_step"]
     timing = p["step_time"]
     mean_tokens = p["tokens_per_second"] * p["seconds_per_step"]
-    if "fixed_seconds" not in timing:  # predictions from before the split: all of it per token
-        return m["tokens_per_step"] / p["tokens_per_second"]
     return timing["fixed_seconds"] + timing["token_seconds"] * m["tokens_per_step"] / mean_tokens
 
 

@@ -10,11 +10,11 @@ and the resident memory, measured in benchmarks/results/levers-cpu/allocator-ste
   huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), and the heap is trimmed once the model is loaded. Low
   resident memory, but every large tensor of every step is a fresh mapping the kernel must fault in and zero:
   about a third of a steady SmolLM2 LoRA step went to that;
-- jemalloc (`LD_PRELOAD`, its own settings) keeps freed extents for reuse in size classes and gives unused pages
-  back after a delay (10 s by default): about the speed of the glibc setup at 0.85-0.91x its peak. With its page
-  decay off (`MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`, yours to set) steps of one shape ran 1.18-1.28x
-  faster, but resident memory grew over a long run of varied shapes (100 steps of batch 1: 3,945 against 1,369 MiB),
-  so lite-ft leaves jemalloc's defaults.
+- jemalloc (`LD_PRELOAD`, its own settings) keeps freed extents for reuse in size classes, though with any finite
+  page decay it gave a step's large extents back at once (the README's allocator section): about the speed of
+  the glibc setup at 0.85-0.91x its peak. With its page decay off (`MALLOC_CONF=dirty_decay_ms:-1,
+  muzzy_decay_ms:-1`, yours to set) steps of one shape ran 1.18-1.28x faster, but resident memory grew over a long
+  run of varied shapes (100 steps of batch 1: 3,945 against 1,369 MiB), so lite-ft leaves jemalloc's defaults.
 
 So the `lite-ft` command starts itself again once, before anything is loaded (exec: the same process id), with
 jemalloc preloaded when the system has it (`apt install libjemalloc2`, `conda install jemalloc`), else with glibc's

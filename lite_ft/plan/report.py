@@ -38,7 +38,7 @@ def describe(plan: dict[str, Any]) -> str:
                      f"training about {plan['wall_seconds_training'] / 60:.1f} min "
                      f"(timed on this machine: the step's ops {plan['step_time']['compute_seconds']:.2f} s before the "
                      f"measured overhead, clipping and optimizer {plan['step_time']['update_seconds']:.2f} s)")
-        if plan["allocator"].startswith(("mmap", "glibc")):  # the grid: glibc's step overhead spreads 1.2-2.8x
+        if plan["allocator"].startswith(("mmap", "glibc")):  # the grid: glibc's step overhead spreads 0.94-2.80x
             lines.append("  (under glibc a step's time depends more on its shapes, through page faults of fresh "
                          "mappings: less certain than under jemalloc, which lite-ft uses where installed: "
                          "apt install libjemalloc2)")

@@ -81,10 +81,10 @@ def step_seconds(compute_seconds: float, compute_fixed_seconds: float, update_se
     fixed part): its ops' timed seconds (of which `compute_fixed_seconds` do not grow with the tokens) times
     STEP_OVERHEAD (jemalloc's own factors where it is the allocator lite_ft.plan.predict.allocator_model names),
     and the timed update."""
-    overhead = STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD
-    slower = (1 / RELEASE_SPEED if release_memory else 1.0) * overhead[method]
-    tokens = (compute_seconds - compute_fixed_seconds) * slower
-    return tokens, compute_fixed_seconds * slower + update_seconds * (slower / overhead[method])
+    overhead = (STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD)[method]
+    release = 1 / RELEASE_SPEED if release_memory else 1.0  # train.release_memory slows every part of a step
+    tokens = (compute_seconds - compute_fixed_seconds) * overhead * release
+    return tokens, (compute_fixed_seconds * overhead + update_seconds) * release
 
 
 def step_time(longest: tuple[Shape, Transient], typical: tuple[Shape, Transient] | None, batches: Batches,
