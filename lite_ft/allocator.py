@@ -10,11 +10,14 @@ and the resident memory, measured in benchmarks/results/levers-cpu/allocator-ste
   huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`), and the heap is trimmed once the model is loaded. Low
   resident memory, but every large tensor of every step is a fresh mapping the kernel must fault in and zero:
   about a third of a steady SmolLM2 LoRA step went to that;
-- jemalloc (`LD_PRELOAD`, its own settings) keeps freed extents for reuse in size classes, though with any finite
-  page decay it gave a step's large extents back at once (the README's allocator section): about the speed of
-  the glibc setup at 0.85-0.91x its peak. With its page decay off (`MALLOC_CONF=dirty_decay_ms:-1,
-  muzzy_decay_ms:-1`, yours to set) steps of one shape ran 1.18-1.28x faster, but resident memory grew over a long
-  run of varied shapes (100 steps of batch 1: 3,945 against 1,369 MiB), so lite-ft leaves jemalloc's defaults.
+- jemalloc (`LD_PRELOAD`) keeps freed extents for reuse in size classes. With its own settings every block over
+  8 MiB (SmolLM2's MLP activations) comes from a dedicated arena that gives freed pages back at once, and pages
+  past their dirty decay are purged outright (muzzy decay 0): a 17 MiB tensor allocated, freed and allocated again
+  is faulted in anew every time, and a bf16 LoRA step of batch 8 x 384 faults in ~3.7 GB. lite-ft starts it with
+  JEMALLOC_CONF: no dedicated arena below 1 GiB, and purged pages only marked free (the kernel takes them back
+  when it needs memory). Measured (benchmarks/results/levers-cpu/allocator-2026-12-07b.md): 0.6 M instead of
+  5.7 M page faults over 6 bf16 steps, 1.17x the tokens/s, 1.12x the peak; 100 varied steps of batch 1 peak at
+  1,456 MiB against 1,429 with jemalloc's settings, where its page decay off (`dirty_decay_ms:-1`) grew to 3,470.
 
 So the `lite-ft` command starts itself again once, before anything is loaded (exec: the same process id), with
 jemalloc preloaded when the system has it (`apt install libjemalloc2`, `conda install jemalloc`), else with glibc's
@@ -42,6 +45,7 @@ CHOICES = ("auto", "jemalloc", "glibc-tuned", "glibc")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # already in LD_PRELOAD: the user's choice stands
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 JEMALLOC_ALL_ARENAS = 4096  # MALLCTL_ARENAS_ALL in jemalloc.h: arena.<i>.purge on every arena
+JEMALLOC_CONF = "oversize_threshold:1073741824,muzzy_decay_ms:-1"  # MALLOC_CONF of the restart (module docstring)
 
 
 @functools.cache  # platform.libc_ver reads the Python executable: once per process, not per call
@@ -133,8 +137,9 @@ def _restart_environment() -> dict[str, str]:
     if choice() == "jemalloc" and lib is None:
         raise SystemExit(f"{OPT_OUT}=jemalloc but no libjemalloc was found: install it (apt install libjemalloc2, "
                          f"conda install jemalloc) or unset {OPT_OUT}")
-    if lib is not None:  # its own settings (MALLOC_CONF: the user's, if any)
-        return {"LD_PRELOAD": ":".join([lib, *_preloaded()])}
+    if lib is not None:  # a MALLOC_CONF of the user's stands
+        return {"LD_PRELOAD": ":".join([lib, *_preloaded()]), "MALLOC_CONF": os.environ.get("MALLOC_CONF",
+                                                                                         JEMALLOC_CONF)}
     tunables = _tunables()
     if any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
         return {}  # the user's choice stands
@@ -169,8 +174,11 @@ def configure(release_memory: bool) -> str:
         if release_memory and not jemalloc_no_decay():
             return "jemalloc (setting decay 0 for train.release_memory failed)"
         decay = _mallctl("arenas.dirty_decay_ms", read=ctypes.c_ssize_t)  # ms for new arenas: -1 never, 0 at once
-        return {-1: "jemalloc, freed pages kept for reuse (decay off)",
+        said = {-1: "jemalloc, freed pages kept for reuse (decay off)",
                 0: "jemalloc, freed pages returned at once (decay 0)"}.get(decay, f"jemalloc, dirty decay {decay} ms")
+        if decay not in (-1, 0) and _mallctl("arenas.muzzy_decay_ms", read=ctypes.c_ssize_t) == -1:
+            said += ", purged pages marked free"
+        return said
     if not tuned():
         return f"glibc default ({OPT_OUT}=glibc)"
     pages = "transparent huge pages" if huge_pages_on() else "4 KiB pages"

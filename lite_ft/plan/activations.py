@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lite_ft.plan.op_times import OpTrace
 from lite_ft.plan.parts import MIB, MetaModel
 from lite_ft.plan.tracker import LiveBytes, cpu_attention_kernel
+from lite_ft.training.attention import WORKSPACE, replaying
 from lite_ft.training.loss import decoder_and_head
 
 
@@ -43,11 +44,12 @@ class Transient:
         return max(self.peak_mib - self.activations_mib, 0.0)
 
 
-def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta", threshold: int | None = None
-            ) -> Transient:
+def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta", threshold: int | None = None,
+            target: str = "cpu") -> Transient:
     """Replay one micro-batch of `shape` as in a steady-state step: the gradients already exist (made here as
     zeros) and accumulate in place. `threshold`: the mmap threshold in bytes (None: every tensor counts as small).
-    `device` "cpu" runs the same count on a real model (how tests check the replay)."""
+    `device` "cpu" runs the same count on a real model (how tests check the replay); `target`: the device of the
+    run replayed (the fused LoRA layers' attention kernel differs)."""
     model = meta.model
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
@@ -55,7 +57,8 @@ def measure(meta: MetaModel, shape: Shape, causal: bool, device: str = "meta", t
     known = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
     tracker = LiveBytes(known=known, threshold=threshold)
     ops = OpTrace()
-    with cpu_attention_kernel(), tracker, ops:
+    WORKSPACE.clear()  # the attention kernel's buffers: made during the replay, as in a run's first step
+    with cpu_attention_kernel(), replaying(target), tracker, ops:
         loss = _loss(model, shape, causal, device, tracker)
         loss.backward()
         del loss

@@ -152,7 +152,8 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     parts = {"runtime": ctx.runtime_mib if device == "cpu" else CUDA_CONTEXT_MIB, **static_parts(static, recipe)}
     trainable, total = parameter_counts(static)
     replay_dtype = compute if autocast else weights
-    worst = max((_transient(ctx, recipe, replay_dtype, s) for s in batches.worst()), key=lambda t: t[1].peak_mib)
+    worst = max((_transient(ctx, recipe, replay_dtype, s, device) for s in batches.worst()),
+                key=lambda t: t[1].peak_mib)
     shape, transient = worst
     largest = max(p.numel() for p in static.model.parameters() if p.requires_grad)
     opt_temp = optimizer_transient_mib(trainable if device == "cuda" else largest, recipe.train.optimizer, device)
@@ -209,13 +210,14 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
             "notes": list(ctx.notes)}
 
 
-def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape) -> tuple[Shape, Transient]:
+def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape, device: str = "cpu"
+               ) -> tuple[Shape, Transient]:
     """One replay, cached by everything it depends on (the --budget search reuses them)."""
     threshold = allocator_model(recipe, "cpu")[1]
     key = (shape, dtype, recipe.method, recipe.model.quantization, recipe.model.attention, recipe.lora,
-           recipe.train.gradient_checkpointing, threshold)
+           recipe.train.gradient_checkpointing, threshold, device)
     if key not in ctx.cache:
-        ctx.cache[key] = measure(_meta(ctx, recipe, dtype), shape, ctx.causal, threshold=threshold)
+        ctx.cache[key] = measure(_meta(ctx, recipe, dtype), shape, ctx.causal, threshold=threshold, target=device)
     return shape, ctx.cache[key]
 
 

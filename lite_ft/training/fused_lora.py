@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lite_ft.training import attention
 from lite_ft.training.fused_ops import AttentionInput, AttentionShape, Linear, Mlp, Projection
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer",)  # SmolLM2 and the tiny test models; others keep peft's path
@@ -96,7 +97,8 @@ def _lora_weights(projs: tuple[Projection, ...]) -> list[torch.Tensor]:
 def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mask: torch.Tensor | None,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor], parts: tuple, kwargs: dict[str, Any]
                   ) -> torch.Tensor:
-    """One decoder layer through the fused blocks: the attention kernel is the model's own; o_proj takes the fused
+    """One decoder layer through the fused blocks: the attention kernel is lite_ft.training.attention's where it
+    computes what the model's SDPA would (the CPU, no dropout), else the model's own; o_proj takes the fused
     single-projection path when it is a fusable LoRA linear, else its own forward."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -108,9 +110,12 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     cos, sin = position_embeddings
     q, k, v = AttentionInput.apply(hidden, layer.input_layernorm.weight, cos, sin, attn_projs, shape,
                                    *_lora_weights(attn_projs))
-    kernel = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, _eager(attn))
-    out, _ = kernel(attn, q, k, v, attention_mask, dropout=attn.attention_dropout if attn.training else 0.0,
-                    scaling=attn.scaling, **kwargs)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    if cfg._attn_implementation == "sdpa" and attention.supports(q, k, attention_mask, dropout):
+        out = attention.causal_attention(q, k, v, attention_mask, attn.scaling)
+    else:
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, _eager(attn))
+        out, _ = kernel(attn, q, k, v, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs)
     out = out.reshape(*hidden.shape[:-1], -1).contiguous()
     if o_proj is None:
         hidden = hidden + attn.o_proj(out)

@@ -64,15 +64,19 @@ def _assert_same(model: torch.nn.Module, vocab: int, projections: int = 7) -> No
 
 
 @pytest.mark.parametrize("method, quantization", [("lora", None), ("qlora", "4bit"), ("lora", "8bit")])
-def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method: str,
-                                 quantization: str | None) -> None:
-    built = _built(make_doc, method, model={"quantization": quantization},
+def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method: str, quantization: str | None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _built(make_doc, method, model={"quantization": quantization, "attention": "sdpa"},
                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     assert built.fused_lora == "on: 2 of 2 decoder layers"
     if quantization:  # the quantized base really is quantized: the blocks dequantize it themselves
         kinds = {type(m).__name__ for m in built.model.modules()}
         assert ("Linear4bit" if quantization == "4bit" else "Linear8bitLt") in kinds
+    calls = []  # the fused layers' own attention kernel (lite_ft.training.attention) is part of what is compared
+    kernel = fused_lora.attention.causal_attention
+    monkeypatch.setattr(fused_lora.attention, "causal_attention", lambda *a: calls.append(1) or kernel(*a))
     _assert_same(built.model, len(built.tokenizer))
+    assert len(calls) == 2
 
 
 def test_fused_blocks_with_o_proj_left_out(make_doc: Callable[..., dict[str, Any]]) -> None:

@@ -1,0 +1,91 @@
+"""lite_ft.training.attention: the chunked causal attention of the fused LoRA layers computes what torch's SDPA
+computes (outputs and the gradients of query, key and value, fp32, 1e-5), however the queries are chunked and the
+batch split into passes; it takes only the inputs it computes exactly, and reuses its score buffers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lite_ft.training import attention
+
+TOL = 1e-5
+
+
+def _inputs(rows: int, heads: int, kv_heads: int, length: int, pad: list[int], dtype: torch.dtype = torch.float32,
+            left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query laid out as the fused block makes it ((batch, tokens, heads, dim) seen as (batch, heads, tokens,
+    dim)), key and value, and transformers' boolean mask: causal, `pad[i]` padded keys at the end of row i (at the
+    start with `left`)."""
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(rows, length, heads, 16, generator=gen, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(rows, kv_heads, length, 16, generator=gen, dtype=dtype) for _ in range(2))
+    keys = torch.ones(rows, length, dtype=torch.bool)
+    for i, n in enumerate(pad):
+        if n and left:
+            keys[i, :n] = False
+        elif n:
+            keys[i, length - n:] = False
+    mask = torch.ones(length, length, dtype=torch.bool).tril() & keys[:, None, :]
+    return q, k, v, mask[:, None]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]  # the model's repeat_kv
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+def _run(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+         ) -> list[torch.Tensor]:
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, mask)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("chunk, scores_bytes", [(128, 16 << 20), (8, 16 << 20), (7, 4096)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_matches_sdpa(chunk: int, scores_bytes: int, masked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One chunk, several chunks of 8 rows, chunks of 7 rows in passes of a batch row or two: all equal SDPA's
+    output and gradients, with padded rows (the keys a chunk sees end early) or with no mask (causal)."""
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    monkeypatch.setattr(attention, "SCORES_BYTES", scores_bytes)
+    q, k, v, mask = _inputs(rows=3, heads=6, kv_heads=2, length=29, pad=[0, 5, 11] if masked else [0, 0, 0])
+    mask = mask if masked else None
+    assert attention.supports(q, k, mask, 0.0)
+    got = _run(lambda *a: attention.causal_attention(*a, 16 ** -0.5), q, k, v, mask)
+    want = _run(_sdpa, q, k, v, mask)
+    for name, a, b in zip(("output", "query", "key", "value"), got, want):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, rtol=TOL, atol=TOL), (name, (a - b).abs().max())
+    assert got[1].stride() == q.stride()  # the query's gradient keeps its layout
+
+
+def test_bf16_stays_close_to_sdpa() -> None:
+    """bf16 (scores and weights in bf16, as the matmuls take them): within bf16's rounding of SDPA's result."""
+    q, k, v, mask = _inputs(rows=2, heads=4, kv_heads=4, length=40, pad=[0, 9], dtype=torch.bfloat16)
+    got = _run(lambda *a: attention.causal_attention(*a, 16 ** -0.5), q, k, v, mask)
+    want = _run(_sdpa, q.double(), k.double(), v.double(), mask)
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()) < 2e-2
+
+
+def test_takes_only_what_it_computes_exactly() -> None:
+    q, k, v, mask = _inputs(rows=2, heads=4, kv_heads=2, length=12, pad=[0, 3])
+    assert attention.supports(q, k, mask, 0.0) and attention.supports(q, k, None, 0.0)
+    assert not attention.supports(q, k, mask, 0.1)  # dropout
+    assert not attention.supports(q, k, mask.float(), 0.0)  # an additive (eager) mask
+    assert not attention.supports(q[:, :, :5], k, None, 0.0)  # queries against a longer cache
+    left = _inputs(rows=2, heads=4, kv_heads=2, length=12, pad=[0, 3], left=True)[3]
+    assert not attention.supports(q, k, left, 0.0)  # left padding: rows that attend to nothing
+
+
+def test_reuses_its_score_buffers() -> None:
+    q, k, v, mask = _inputs(rows=2, heads=4, kv_heads=2, length=24, pad=[0, 4])
+    _run(lambda *a: attention.causal_attention(*a, 0.25), q, k, v, mask)
+    before = {key: t.data_ptr() for key, t in attention.WORKSPACE.flat.items()}
+    _run(lambda *a: attention.causal_attention(*a, 0.25), q, k, v, mask)
+    assert before and {key: t.data_ptr() for key, t in attention.WORKSPACE.flat.items()} == before
