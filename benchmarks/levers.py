@@ -24,15 +24,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 # name -> (what changes, recipe overrides, environment variables)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
-    "defaults": ("lite-ft's defaults: fused LoRA blocks, length-grouped batches, SDPA attention, loss on labelled "
-                 "positions only, one thread per core, jemalloc (its own settings) where the system has it, else glibc "
-                 "mmap threshold 4 MiB on transparent huge pages (lite_ft.allocator)", [], {}),
+    "defaults": ("lite-ft's defaults: fused LoRA blocks with lite-ft's chunked causal attention, length-grouped "
+                 "batches, loss on labelled positions only, one thread per core, jemalloc (lite_ft.allocator's "
+                 "JEMALLOC_CONF) where the system has it, else glibc mmap threshold 4 MiB on transparent huge pages",
+                 [], {}),
+    "sdpa attention": ("model.attention=sdpa: torch's SDPA (its CPU flash kernel) in the fused LoRA layers instead "
+                       "of lite-ft's chunked causal attention", ["model.attention=sdpa"], {}),
+    "bf16 sdpa attention": ("model.dtype=bfloat16 and model.attention=sdpa (compare with bf16)",
+                            ["model.dtype=bfloat16", "model.attention=sdpa"], {}),
+    "jemalloc own settings": ("jemalloc with its own settings (MALLOC_CONF empty: blocks over 8 MiB from an arena that "
+                              "returns them at once, purged pages unmapped)", [], {"MALLOC_CONF": ""}),
+    "bf16 jemalloc own settings": ("model.dtype=bfloat16 under jemalloc's own settings (compare with bf16)",
+                                   ["model.dtype=bfloat16"], {"MALLOC_CONF": ""}),
     "glibc tuned": ("lite-ft's glibc setup instead of jemalloc (LITE_FT_ALLOCATOR=glibc-tuned): mmap threshold "
                     "4 MiB, transparent huge pages", [], {"LITE_FT_ALLOCATOR": "glibc-tuned"}),
     "tcmalloc": ("gperftools' tcmalloc preloaded (LD_PRELOAD=libtcmalloc_minimal.so.4) instead of jemalloc", [],
                  {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}),  # a soname: the loader finds it
     "jemalloc decay off": ("jemalloc keeping every freed page for reuse (MALLOC_CONF=dirty_decay_ms:-1,"
-                           "muzzy_decay_ms:-1) instead of its own 10 s decay", [],
+                           "muzzy_decay_ms:-1) instead of lite-ft's settings", [],
                            {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
     "glibc defaults": ("glibc's allocator as it comes (LITE_FT_ALLOCATOR=glibc): its mmap threshold moves up to "
                        "32 MiB, 4 KiB pages", [], {"LITE_FT_ALLOCATOR": "glibc"}),

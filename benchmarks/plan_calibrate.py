@@ -92,12 +92,12 @@ def main() -> None:
         heap = excess / transient
         family = predictor.family(recipe)
         # the plan's ops for the timed steps' real tokens (step 1, left out as warm-up, may be the longest); the
-        # update is timed whole, not scaled. release_memory's own slowdown (RELEASE_SPEED) is already in the plan's
+        # update is timed whole, not scaled. release_memory's own slowdown (speed.release_slowdown) is already in the plan's
         # seconds: a separate constant
         timing = plan["step_time"]
         mean_tokens = plan["tokens_per_second"] * plan["seconds_per_step"]
         timed = measured.get("tokens_per_step", mean_tokens)
-        slower = 1 / speed.RELEASE_SPEED if recipe.train.release_memory else 1.0
+        slower = speed.release_slowdown(recipe.train.release_memory, plan["allocator"])
         fixed_ops = timing["compute_fixed_seconds"]
         ops = (fixed_ops + (timing["compute_seconds"] - fixed_ops) * timed / mean_tokens) * slower
         overhead = (measured["seconds_per_step"] - timing["update_seconds"] * slower) / ops

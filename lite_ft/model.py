@@ -102,7 +102,7 @@ def fuse_lora(model: torch.nn.Module, recipe: Recipe) -> str:
     if recipe.train.fsdp:
         note = "off: not with train.fsdp (sharded weights are gathered per module, outside the fused blocks)"
     else:
-        note = fused_lora.install(model).describe()
+        note = fused_lora.install(model, own_attention=recipe.model.attention == "auto").describe()
     if not note.startswith("on:"):
         print(f"lite-ft: train.fused_lora: {note}", file=sys.stderr)
     return note

@@ -15,7 +15,7 @@ from typing import Any
 from lite_ft.errors import RecipeError
 from lite_ft.plan.predict import Context, predict, prepare
 from lite_ft.plan.report import parse_size
-from lite_ft.plan.speed import RELEASE_SPEED
+from lite_ft.plan.speed import release_slowdown
 from lite_ft.recipe.load import load_recipe
 from lite_ft.recipe.schema import Recipe
 
@@ -87,7 +87,7 @@ def relative_time(plan: dict[str, Any], recipe: Recipe) -> float:
     ranks the methods first)."""
     if plan["seconds_per_step"] is not None:
         return plan["seconds_per_step"]
-    slow = 1 / RELEASE_SPEED if recipe.train.release_memory else 1.0
+    slow = release_slowdown(recipe.train.release_memory, plan.get("allocator") or "")
     return plan["flops_per_step"] * slow
 
 

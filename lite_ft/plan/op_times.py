@@ -172,7 +172,7 @@ def _flush_caches() -> None:
 def _run_allocator() -> None:
     """Time ops under the allocator a run has (lite_ft.allocator; the `lite-ft` command preloads jemalloc for the plan
     as for the run): under glibc, large outputs are fresh mappings whose first touch faults pages in, as in the run
-    (train.release_memory's extra cost is RELEASE_SPEED). Once a process, and
+    (train.release_memory's extra cost is speed.release_slowdown). Once a process, and
     only when something is measured: a plan whose times are all cached leaves the process's allocator alone."""
     allocator.configure(release_memory=False)
 

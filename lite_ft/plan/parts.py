@@ -78,7 +78,8 @@ def build_meta(config: Any, recipe: Recipe, weights: torch.dtype, num_labels: in
                                                  lora_dropout=recipe.lora.dropout,
                                                  target_modules=recipe.lora.target_modules, task_type=task_type))
         if recipe.train.fused_lora and not recipe.train.fsdp:
-            fused_lora.install(model)  # as lite_ft.model.fuse_lora does: the fused blocks save fewer activations
+            # as lite_ft.model.fuse_lora does: the fused blocks save fewer activations
+            fused_lora.install(model, own_attention=recipe.model.attention == "auto")
     elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

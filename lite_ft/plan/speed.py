@@ -27,12 +27,24 @@ from lite_ft.sources.catalog import cache_dir
 # calibration row. Larger, and more spread (0.94-2.80 over the rows), than jemalloc's: the step's large outputs are
 # fresh mappings whose pages fault in on first touch, more of them in a real step than in one op timed alone
 STEP_OVERHEAD = {"full": 1.32, "lora": 1.33, "qlora": 1.49, "lora-8bit": 1.38}
-# under jemalloc (its own settings): fitted 2026-12-07 18:55 UTC on a 2-core AMD EPYC with AVX512-BF16, one run per
-# calibration row (before the ops were timed cold and the update on its own: 1.17-1.39, and 2.14 for MiniLM's short
-# full fine-tuning steps)
-STEP_OVERHEAD_JEMALLOC = {"full": 0.91, "lora": 0.98, "qlora": 1.06, "lora-8bit": 1.12}
-RELEASE_SPEED = 0.91  # tokens/s with train.release_memory against the default (fresh pages for more tensors): the
-# plan grid's lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu)
+# under jemalloc as lite-ft starts it (lite_ft.allocator.JEMALLOC_CONF): fitted 2026-12-07 20:27 UTC on a 2-core AMD
+# EPYC with AVX512-BF16, the median over the calibration rows of one to two runs each, with the fused layers' chunked attention (under 1: the steps
+# fault almost no pages in, and cold timings overstate what a warm step pays; under jemalloc's own settings, which
+# faulted every block over 8 MiB in anew: 0.91-1.12)
+STEP_OVERHEAD_JEMALLOC = {"full": 0.82, "lora": 0.72, "qlora": 1.06, "lora-8bit": 0.97}
+# tokens/s with train.release_memory against the default (fresh pages for more tensors): the plan grid's
+# lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu), under the glibc setup (mmap threshold 1
+# against 4 MiB) and under jemalloc (decay 0 against lite-ft's settings: 11.30 against 6.75 s/step)
+RELEASE_SPEED = 0.91
+RELEASE_SPEED_JEMALLOC = 0.60
+
+
+def release_slowdown(release_memory: bool, allocator: str) -> float:
+    """How many times longer a step takes with train.release_memory under `allocator` (predict.allocator_model's
+    name of the allocator without it)."""
+    if not release_memory:
+        return 1.0
+    return 1 / (RELEASE_SPEED_JEMALLOC if allocator.startswith("jemalloc") else RELEASE_SPEED)
 
 
 def machine_key() -> str:
@@ -82,7 +94,7 @@ def step_seconds(compute_seconds: float, compute_fixed_seconds: float, update_se
     STEP_OVERHEAD (jemalloc's own factors where it is the allocator lite_ft.plan.predict.allocator_model names),
     and the timed update."""
     overhead = (STEP_OVERHEAD_JEMALLOC if allocator.startswith("jemalloc") else STEP_OVERHEAD)[method]
-    release = 1 / RELEASE_SPEED if release_memory else 1.0  # train.release_memory slows every part of a step
+    release = release_slowdown(release_memory, allocator)  # train.release_memory slows every part of a step
     tokens = (compute_seconds - compute_fixed_seconds) * overhead * release
     return tokens, (compute_fixed_seconds * overhead + update_seconds) * release
 

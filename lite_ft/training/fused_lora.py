@@ -110,8 +110,9 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     cos, sin = position_embeddings
     q, k, v = AttentionInput.apply(hidden, layer.input_layernorm.weight, cos, sin, attn_projs, shape,
                                    *_lora_weights(attn_projs))
-    dropout = attn.attention_dropout if attn.training else 0.0
-    if cfg._attn_implementation == "sdpa" and attention.supports(q, k, attention_mask, dropout):
+    dropout = attn.attention_dropout if attn.training else 0.0  # the fused path only runs in training
+    if layer._lite_ft_attention and cfg._attn_implementation == "sdpa" and attention.supports(
+            q, k, attention_mask, dropout):
         out = attention.causal_attention(q, k, v, attention_mask, attn.scaling)
     else:
         kernel = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, _eager(attn))
@@ -169,8 +170,9 @@ def set_enabled(model: torch.nn.Module, on: bool) -> int:
     return len(layers)
 
 
-def install(model: torch.nn.Module) -> FusedReport:
-    """Route every fusable decoder layer of a peft LoRA model through the fused blocks; say why others are not."""
+def install(model: torch.nn.Module, own_attention: bool = True) -> FusedReport:
+    """Route every fusable decoder layer of a peft LoRA model through the fused blocks; say why others are not.
+    `own_attention`: on the CPU, lite_ft.training.attention instead of the model's SDPA (model.attention: auto)."""
     report = FusedReport()
     layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
     report.total_layers = len(layers)
@@ -188,5 +190,6 @@ def install(model: torch.nn.Module) -> FusedReport:
             continue
         layer.forward = types.MethodType(_fused_or_original, layer)  # deepcopy rebinds it to the copy
         layer._lite_ft_fused = True
+        layer._lite_ft_attention = own_attention
         report.fused_layers += 1
     return report

@@ -66,7 +66,7 @@ def _assert_same(model: torch.nn.Module, vocab: int, projections: int = 7) -> No
 @pytest.mark.parametrize("method, quantization", [("lora", None), ("qlora", "4bit"), ("lora", "8bit")])
 def test_fused_blocks_match_peft(make_doc: Callable[..., dict[str, Any]], method: str, quantization: str | None,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    built = _built(make_doc, method, model={"quantization": quantization, "attention": "sdpa"},
+    built = _built(make_doc, method, model={"quantization": quantization},
                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     assert built.fused_lora == "on: 2 of 2 decoder layers"
     if quantization:  # the quantized base really is quantized: the blocks dequantize it themselves
@@ -247,3 +247,12 @@ def test_a_layer_of_another_kind_is_named(make_doc: Callable[..., dict[str, Any]
     report = fused_lora.install(built.model)
     assert report.fused_layers == 1 and report.total_layers == 2
     assert "OtherDecoderLayer is not a supported decoder layer" in report.describe()
+
+
+def test_model_attention_sdpa_keeps_torch_s_kernel(make_doc: Callable[..., dict[str, Any]],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.attention: sdpa asks for PyTorch's SDPA: the fused layers then leave lite-ft's attention kernel out
+    (and still equal peft's path)."""
+    built = _built(make_doc, model={"attention": "sdpa"}, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    monkeypatch.setattr(fused_lora.attention, "causal_attention", lambda *a: pytest.fail("lite-ft's kernel ran"))
+    _assert_same(built.model, len(built.tokenizer))
