@@ -27,10 +27,11 @@ from lite_ft.sources.catalog import cache_dir
 # calibration row. Larger, and more spread (0.94-2.80 over the rows), than jemalloc's: the step's large outputs are
 # fresh mappings whose pages fault in on first touch, more of them in a real step than in one op timed alone
 STEP_OVERHEAD = {"full": 1.32, "lora": 1.33, "qlora": 1.49, "lora-8bit": 1.38}
-# under jemalloc as lite-ft starts it (lite_ft.allocator.JEMALLOC_CONF): fitted 2026-12-07 20:27 UTC on a 2-core AMD
-# EPYC with AVX512-BF16, the median over the calibration rows of one to two runs each, with the fused layers' chunked attention (under 1: the steps
-# fault almost no pages in, and cold timings overstate what a warm step pays; under jemalloc's own settings, which
-# faulted every block over 8 MiB in anew: 0.91-1.12)
+# under jemalloc as lite-ft starts it (lite_ft.allocator.JEMALLOC_CONF), with the fused layers' own attention: the
+# median over the calibration rows (one or two runs each), fitted 2026-12-07 20:47 UTC on a 2-core AMD EPYC with
+# AVX512-BF16. Under 1: the steps fault almost no pages in, and cold timings overstate what a warm step pays (under
+# jemalloc's own settings, which faulted every block over 8 MiB in anew: 0.91-1.12). The LoRA rows spread from 0.70
+# (batch 8 x 357) to 0.87 (32 x 56); small micro-batches pay more per op than one factor says
 STEP_OVERHEAD_JEMALLOC = {"full": 0.82, "lora": 0.72, "qlora": 1.06, "lora-8bit": 0.97}
 # tokens/s with train.release_memory against the default (fresh pages for more tensors): the plan grid's
 # lora-release-b8-l384 against lora-b8-l384 (benchmarks/results/plan-cpu), under the glibc setup (mmap threshold 1
