@@ -13,10 +13,10 @@ and the resident memory, measured in benchmarks/results/levers-cpu/allocator-ste
 - jemalloc (`LD_PRELOAD`) keeps freed extents for reuse in size classes. With its own settings every block over
   8 MiB (SmolLM2's MLP activations) comes from a dedicated arena that gives freed pages back at once, and pages
   past their dirty decay are purged outright (muzzy decay 0): a 17 MiB tensor allocated, freed and allocated again
-  is faulted in anew every time, and a bf16 LoRA step of batch 8 x 384 faults in ~3.7 GB. lite-ft starts it with
+  is faulted in anew every time, and a bf16 LoRA step of SQuAD batch 8 faults in ~3.4 GB. lite-ft starts it with
   JEMALLOC_CONF: no dedicated arena below 1 GiB, and purged pages only marked free (the kernel takes them back
   when it needs memory). Measured (benchmarks/results/levers-cpu/allocator-2026-12-07b.md): 0.6 M instead of
-  5.7 M page faults over 6 bf16 steps, 1.17x the tokens/s, 1.12x the peak; 100 varied steps of batch 1 peak at
+  5.7 M page faults over 6 bf16 steps, about 1.2x the tokens/s, 1.12x the peak; 100 varied steps of batch 1 peak at
   1,456 MiB against 1,429 with jemalloc's settings, where its page decay off (`dirty_decay_ms:-1`) grew to 3,470.
 
 So the `lite-ft` command starts itself again once, before anything is loaded (exec: the same process id), with
