@@ -92,8 +92,8 @@ def main() -> None:
         heap = excess / transient
         family = predictor.family(recipe)
         # the plan's ops for the timed steps' real tokens (step 1, left out as warm-up, may be the longest); the
-        # update is timed whole, not scaled. release_memory's own slowdown (speed.release_slowdown) is already in the plan's
-        # seconds: a separate constant
+        # update is timed whole, not scaled. release_memory's own slowdown (speed.release_slowdown) is already in
+        # the plan's seconds: a separate constant
         timing = plan["step_time"]
         mean_tokens = plan["tokens_per_second"] * plan["seconds_per_step"]
         timed = measured.get("tokens_per_step", mean_tokens)

@@ -87,7 +87,7 @@ def relative_time(plan: dict[str, Any], recipe: Recipe) -> float:
     ranks the methods first)."""
     if plan["seconds_per_step"] is not None:
         return plan["seconds_per_step"]
-    slow = release_slowdown(recipe.train.release_memory, plan.get("allocator") or "")
+    slow = release_slowdown(recipe.train.release_memory, plan["allocator"])
     return plan["flops_per_step"] * slow
 
 

@@ -186,7 +186,7 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
     if device == "cpu" and speed:
         rate = matmul_gflops(*model_shape(ctx.config, shape.rows * shape.width))  # what MFU is given against
         typical = batches.typical()
-        second = _transient(ctx, recipe, replay_dtype, typical) if typical else None
+        second = _transient(ctx, recipe, replay_dtype, typical, device) if typical else None
         trainable_shapes = [tuple(p.shape) for p in static.model.parameters() if p.requires_grad]
         timing = step_time((shape, transient), second, batches, trainable_shapes, recipe.train.optimizer)
         timing["token_seconds"], timing["fixed_seconds"] = step_seconds(
@@ -211,7 +211,7 @@ def predict(recipe: Recipe, device: str = "cpu", gpu_memory_mib: float | None = 
             "notes": list(ctx.notes)}
 
 
-def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape, device: str = "cpu"
+def _transient(ctx: Context, recipe: Recipe, dtype: torch.dtype, shape: Shape, device: str
                ) -> tuple[Shape, Transient]:
     """One replay, cached by everything it depends on (the --budget search reuses them)."""
     threshold = allocator_model(recipe, "cpu")[1]

@@ -41,8 +41,8 @@ RELEASE_SPEED_JEMALLOC = 0.60
 
 
 def release_slowdown(release_memory: bool, allocator: str) -> float:
-    """How many times longer a step takes with train.release_memory under `allocator` (predict.allocator_model's
-    name of the allocator without it)."""
+    """How many times longer a step takes with train.release_memory under `allocator` (a name from
+    predict.allocator_model: jemalloc's, with or without ", decay 0", or glibc's)."""
     if not release_memory:
         return 1.0
     return 1 / (RELEASE_SPEED_JEMALLOC if allocator.startswith("jemalloc") else RELEASE_SPEED)

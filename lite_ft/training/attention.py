@@ -108,8 +108,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, part: t
             b0: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scaled query chunk stacked by key head, softmax weights) of batch rows b0.. of one chunk, in workspace."""
     r0, r1, end, per = part
-    b1 = min(b0 + per, q.shape[0])
     nb, heads, _, dim = q.shape
+    b1 = min(b0 + per, nb)
     kv = k.shape[1]
     rows, group = r1 - r0, heads // kv
     qc = WORKSPACE.take("query", (b1 - b0, heads, rows, dim), q.dtype, q.device)

@@ -110,7 +110,7 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     cos, sin = position_embeddings
     q, k, v = AttentionInput.apply(hidden, layer.input_layernorm.weight, cos, sin, attn_projs, shape,
                                    *_lora_weights(attn_projs))
-    dropout = attn.attention_dropout if attn.training else 0.0  # the fused path only runs in training
+    dropout = attn.attention_dropout if attn.training else 0.0
     if layer._lite_ft_attention and cfg._attn_implementation == "sdpa" and attention.supports(
             q, k, attention_mask, dropout):
         out = attention.causal_attention(q, k, v, attention_mask, attn.scaling)
