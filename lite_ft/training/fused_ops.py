@@ -153,10 +153,20 @@ def _rms_backward(grad_y: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, weig
     return grad_x.to(x.dtype), grad_w
 
 
+def product_dtype(compute: torch.dtype, adapters: torch.dtype) -> torch.dtype:
+    """The dtype the LoRA products compute in: bf16 over a bf16 base, as autocast computes them (the fp32 adapters
+    stay the master weights and take fp32 gradients); else the adapters' own (fp16's range is too narrow for
+    their gradients, and fp32 over fp32 is what peft computes)."""
+    return torch.bfloat16 if compute == torch.bfloat16 else adapters
+
+
 def _lora_a_out(y: torch.Tensor, projs: tuple[Projection, ...]) -> torch.Tensor:
-    """y times the LoRA-A of every projection, stacked: one matmul for the projections that share the input y."""
+    """y times the LoRA-A of every projection, stacked: one matmul for the projections that share the input y.
+    In product_dtype: a bf16 step no longer copies y, the products and their gradients to fp32 and back (they were
+    a fifth of a bf16 LoRA step here, in rank-16 matmuls bound by those copies)."""
     a = projs[0].lora_a if len(projs) == 1 else torch.cat([p.lora_a for p in projs], dim=0)
-    return y.to(a.dtype) @ a.t()
+    dtype = product_dtype(y.dtype, a.dtype)
+    return y.to(dtype) @ a.to(dtype).t()
 
 
 def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor) -> list[torch.Tensor]:
@@ -167,8 +177,8 @@ def _project(y: torch.Tensor, projs: tuple[Projection, ...], a_out: torch.Tensor
         out = F.linear(y, dense_weight(p.base, y.dtype), p.bias(y.dtype))
         a = a_out[..., start:start + r]
         if a.dtype == out.dtype:  # the LoRA product accumulates into the base output: no tokens x out of its own
-            out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, r), p.lora_b.t(), alpha=p.scale)
-        else:  # a bf16 base with fp32 adapters: the LoRA product in fp32, added in the base's dtype
+            out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, r), p.lora_b.to(a.dtype).t(), alpha=p.scale)
+        else:  # an fp16 base with fp32 adapters: the LoRA product in fp32, added in the base's dtype
             out.add_((a @ p.lora_b.t()).mul_(p.scale).to(out.dtype))
         outs.append(out)
         start += r
@@ -191,12 +201,13 @@ def _project_backward(y: torch.Tensor, projs: tuple[Projection, ...], a_out: tor
         else:  # the next products accumulate into it (g and y share a dtype): no tokens x in tensor of their own
             grad_y.view(-1, grad_y.shape[-1]).addmm_(g2, weight)
         g2 = g2.to(a_out.dtype)  # the scale goes on the rank-r products, not on a tokens x out copy of g
-        grad_bs.append((g2.t() @ flat_a[:, start:start + r]).mul_(p.scale))
-        grad_a_out.append((g2 @ p.lora_b).mul_(p.scale))
+        grad_bs.append((g2.t() @ flat_a[:, start:start + r]).mul_(p.scale).to(p.lora_b.dtype))
+        grad_a_out.append((g2 @ p.lora_b.to(a_out.dtype)).mul_(p.scale))
         start += r
     da = torch.cat(grad_a_out, dim=1)  # (tokens, sum of ranks): one matmul for every LoRA-A gradient
-    grad_a_all = da.t() @ flat_y
     a_all = torch.cat([p.lora_a for p in projs], dim=0)
+    grad_a_all = (da.t() @ flat_y).to(a_all.dtype)
+    a_all = a_all.to(da.dtype)
     if da.dtype == grad_y.dtype:
         grad_y.view(-1, grad_y.shape[-1]).addmm_(da, a_all)
     else:
