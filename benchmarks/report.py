@@ -292,9 +292,9 @@ NOTES = [
     ("- Peak RSS: the process's resident memory sampled every 5 ms (lite-ft: its memory.json phases from model "
      "load to the last step, evaluation left out; TRL: the whole process, load and dataset preparation included)."),
     ("- MFU: model FLOPs per real token, counted with torch.utils.flop_counter.FlopCounterMode over one forward + "
-     "backward of lite-ft's loss on one unpadded example (LoRA: frozen base, so no weight gradients for it; full: "
-     "all of them), times steady tokens/s, over the fp32 matmul peak (measured before and after the runs, the "
-     "higher one). QLoRA and TRL use the LoRA figure: QLoRA's dequantization and TRL's LM head over prompt "
+     "backward of lite-ft's loss on one unpadded example, through peft's own LoRA layers and PyTorch's SDPA (LoRA: "
+     "frozen base, so no weight gradients for it; full: all of them), times steady tokens/s, over the matmul peak "
+     "of the run's dtype (measured before and after the runs, the higher one). QLoRA and TRL use the LoRA figure: QLoRA's dequantization and TRL's LM head over prompt "
      "positions are overhead, not model work."),
     ("- TRL: SFTTrainer with a pre-tokenized dataset (input_ids + completion_mask, completion_only_loss=True), a "
      "sequential sampler over a dataset laid out in lite-ft's batch order, its default optimizer (fused AdamW; "
