@@ -2,9 +2,10 @@
 hand-written blocks of lite_ft.training.fused_ops, over the LoRA weights peft created.
 
 peft stays the owner of the adapter: its modules, parameters, state dict, save format and merges are untouched; only
-the decoder layer's forward is replaced, on the instance. The fused path runs when it computes exactly what peft's
-path would: training mode with gradients on, no KV cache, no autocast, every projection an unmerged peft LoRA
-linear with one active adapter, dropout 0 and no DoRA-style variant, over a plain, 4-bit or 8-bit frozen base.
+the decoder layer's forward is replaced, on the instance. The fused path runs when it computes what peft's path
+would (the same sums; over a bf16 base the LoRA products in bf16, see fused_ops.product_dtype): training mode with
+gradients on, no KV cache, no autocast, every projection an unmerged peft LoRA linear with one active adapter,
+dropout 0 and no DoRA-style variant, over a plain, 4-bit or 8-bit frozen base.
 Anything else (generation, evaluation, a merged or disabled adapter) runs the original forward. A model that can
 never take the fused path is reported by install() with the reason (lite-ft records it in metrics.json).
 """
