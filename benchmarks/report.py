@@ -294,8 +294,8 @@ NOTES = [
     ("- MFU: model FLOPs per real token, counted with torch.utils.flop_counter.FlopCounterMode over one forward + "
      "backward of lite-ft's loss on one unpadded example, through peft's own LoRA layers and PyTorch's SDPA (LoRA: "
      "frozen base, so no weight gradients for it; full: all of them), times steady tokens/s, over the matmul peak "
-     "of the run's dtype (measured before and after the runs, the higher one). QLoRA and TRL use the LoRA figure: QLoRA's dequantization and TRL's LM head over prompt "
-     "positions are overhead, not model work."),
+     "of the run's dtype (measured before and after the runs, the higher one). QLoRA and TRL use the LoRA "
+     "figure: QLoRA's dequantization and TRL's LM head over prompt positions are overhead, not model work."),
     ("- TRL: SFTTrainer with a pre-tokenized dataset (input_ids + completion_mask, completion_only_loss=True), a "
      "sequential sampler over a dataset laid out in lite-ft's batch order, its default optimizer (fused AdamW; "
      "lite-ft uses torch.optim.AdamW); as lite-ft: weights in the dtype lite-ft picks, no autocast, no gradient "
