@@ -72,3 +72,16 @@ def test_replies_equal_transformers_generate(model_and_prompts: Any) -> None:
         tokens = out[0, len(prompt):].tolist()
         end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
         assert reply == tok.decode(tokens[:end], skip_special_tokens=True).strip()
+
+
+def test_the_output_layer_gets_contiguous_rows(model_and_prompts: Any) -> None:
+    """Only the last position reaches the output layer, as a contiguous tensor: PyTorch's CPU linear in bf16 copies
+    the whole weight once per row for a strided one (1.35 GB for SmolLM2's output layer at 25 rows)."""
+    model, tok, prompts = model_and_prompts
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        generate(model, tok, prompts, max_new_tokens=2, batch_size=4, device=CPU)
+    finally:
+        hook.remove()
+    assert seen and all(x.shape[1] == 1 and x.is_contiguous() for x in seen)

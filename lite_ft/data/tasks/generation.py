@@ -90,7 +90,9 @@ class Decoder:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """Last-position logits of `ids` appended to `cache`; `mask` covers cached and new positions."""
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # real tokens only are counted
-        kwargs = {"logits_to_keep": 1} if self.keep_last else {}
+        # the last position as an index, not the int 1: transformers slices an int into a strided view, for which
+        # PyTorch's CPU linear in bf16 copies the output layer's weight once per row (1.35 GB for SmolLM2 and 25 rows)
+        kwargs = {"logits_to_keep": torch.tensor([ids.shape[1] - 1], device=self.device)} if self.keep_last else {}
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), use_cache=True, **{self.cache_arg: cache}, **kwargs)
         found = getattr(out, "cache", None)
