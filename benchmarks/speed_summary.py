@@ -11,8 +11,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from report import TRL_NO_CHECKPOINTING
+
 LITE_FT, LITE_FT_BF16 = "lite-ft-lora", "lite-ft-lora-bf16"
-TRL_FASTEST = ("trl-lora", "trl-autocast")  # TRL without gradient checkpointing: the faster of the two per run
 
 
 def load(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
@@ -21,7 +22,8 @@ def load(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _trl_fastest(rows: dict[str, Any]) -> float | None:
-    speeds = [rows[name]["tok_s_steady"] for name in TRL_FASTEST if name in rows]
+    """The faster TRL run without gradient checkpointing, as report.lora_criteria takes it."""
+    speeds = [rows[name]["tok_s_steady"] for name in TRL_NO_CHECKPOINTING if name in rows]
     return max(speeds) if speeds else None
 
 

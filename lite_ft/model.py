@@ -94,16 +94,21 @@ def build(recipe: Recipe, placement: Placement | None = None, num_labels: int | 
                  fused_lora=fused)
 
 
-def fuse_lora(model: torch.nn.Module, recipe: Recipe) -> str:
-    """train.fused_lora: route the decoder layers through the fused LoRA blocks where they apply; returns what was
-    done, and says on stderr why a model keeps peft's path (never silently)."""
+def install_fused_lora(model: torch.nn.Module, recipe: Recipe) -> str:
+    """train.fused_lora: route the decoder layers through the fused LoRA blocks where they apply, as the recipe
+    asks (lite-ft plan's replay calls it too, so that it runs what the run runs); returns what was done."""
     if not recipe.train.fused_lora:
         return "off (train.fused_lora: false)"
     if recipe.train.fsdp:
-        note = "off: not with train.fsdp (sharded weights are gathered per module, outside the fused blocks)"
-    else:
-        note = fused_lora.install(model, own_attention=recipe.model.attention == "auto").describe()
-    if not note.startswith("on:"):
+        return "off: not with train.fsdp (sharded weights are gathered per module, outside the fused blocks)"
+    return fused_lora.install(model, own_attention=recipe.model.attention == "auto").describe()
+
+
+def fuse_lora(model: torch.nn.Module, recipe: Recipe) -> str:
+    """install_fused_lora, saying on stderr why a model keeps peft's path where the recipe asked for the fused
+    blocks (never silently)."""
+    note = install_fused_lora(model, recipe)
+    if recipe.train.fused_lora and not note.startswith("on:"):
         print(f"lite-ft: train.fused_lora: {note}", file=sys.stderr)
     return note
 

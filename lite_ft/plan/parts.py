@@ -18,8 +18,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from lite_ft.model import HEADS, unquantized_dtype
-from lite_ft.training import fused_lora
+from lite_ft.model import HEADS, install_fused_lora, unquantized_dtype
 from lite_ft.recipe.schema import Recipe
 
 MIB = 1024 * 1024
@@ -77,9 +76,7 @@ def build_meta(config: Any, recipe: Recipe, weights: torch.dtype, num_labels: in
         model = get_peft_model(model, LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
                                                  lora_dropout=recipe.lora.dropout,
                                                  target_modules=recipe.lora.target_modules, task_type=task_type))
-        if recipe.train.fused_lora and not recipe.train.fsdp:
-            # as lite_ft.model.fuse_lora does: the fused blocks save fewer activations
-            fused_lora.install(model, own_attention=recipe.model.attention == "auto")
+        install_fused_lora(model, recipe)  # as the run does: the fused blocks save fewer activations
     elif recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
