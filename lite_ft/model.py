@@ -101,7 +101,8 @@ def install_fused_lora(model: torch.nn.Module, recipe: Recipe) -> str:
         return "off (train.fused_lora: false)"
     if recipe.train.fsdp:
         return "off: not with train.fsdp (sharded weights are gathered per module, outside the fused blocks)"
-    return fused_lora.install(model, own_attention=recipe.model.attention == "auto").describe()
+    return fused_lora.install(model, own_attention=recipe.model.attention == "auto",
+                              attention_weights=recipe.train.attention_weights).describe()
 
 
 def fuse_lora(model: torch.nn.Module, recipe: Recipe) -> str:

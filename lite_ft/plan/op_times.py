@@ -46,6 +46,9 @@ SKIP = {"aten.detach.default", "aten.view.default", "aten._unsafe_view.default",
         "aten.expand.default", "aten.alias.default", "aten.as_strided.default", "aten.slice.Tensor",
         "aten.select.int", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.permute.default",
         "aten.transpose.int", "aten.split.Tensor", "aten.split_with_sizes.default"}  # views: no work, no time
+# in-place matmuls do what their out-of-place forms do, but torch's FLOP registry (and FlopCounterMode) has no entry
+# for them: the fused LoRA blocks accumulate products with addmm_, which would count 0
+IN_PLACE_MATMULS = {torch.ops.aten.addmm_: torch.ops.aten.addmm, torch.ops.aten.baddbmm_: torch.ops.aten.baddbmm}
 
 
 def _spec(x: Any) -> Any:
@@ -110,10 +113,12 @@ class OpTrace(TorchDispatchMode):
     def flops(self) -> float:
         """FLOPs of the traced ops by torch's own formulas (torch.utils.flop_counter), worked out on meta tensors.
         Not FlopCounterMode around the replay: its module tracking keeps a checkpointed layer's recomputed
-        tensors alive until the backward ends, so the replay would count a peak the real run never has."""
+        tensors alive until the backward ends, so the replay would count a peak the real run never has. In-place
+        matmuls count as their out-of-place forms (IN_PLACE_MATMULS), which FlopCounterMode misses."""
         total = 0
         for sig, count in self.counts.items():
-            formula = flop_registry.get(self.ops[sig]._overloadpacket)
+            packet = self.ops[sig]._overloadpacket
+            formula = flop_registry.get(IN_PLACE_MATMULS.get(packet, packet))
             if formula is None:
                 continue
             args = [_make(s, "meta") for s in sig[1]]

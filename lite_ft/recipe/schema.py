@@ -128,6 +128,12 @@ class TrainConfig:
     peft's own adapter weights (one LoRA-A matmul for q/k/v and one for gate/up, SiLU recomputed in backward).
     Same gradients within rounding; measured on SmolLM2-135M / SQuAD: see the README's speed section. Other
     models, lora.dropout > 0 and train.fsdp keep peft's path, with a note in metrics.json (train.fused_lora)."""
+    attention_weights: Literal["auto", "keep", "recompute"] = setting("auto", result=False)
+    """lite-ft's chunked CPU attention (model.attention: auto, fused LoRA layers): keep the attention weights (the
+    softmax) for backward, or recompute them there from the query and key. auto keeps them in bf16 and fp16 while
+    they take at most 16 MiB a layer (SmolLM2, SQuAD batch 8 x 348: 349 MiB a step) and recomputes them in fp32
+    (the least memory, no more than a flash kernel keeps). Same results either way; measured in the README's speed
+    section."""
     release_memory: bool = setting(False, result=False)
     """CPU (Linux): freed memory goes back to the OS at once (lite_ft.allocator): under jemalloc its page decay is set
     to 0; under glibc nearly every activation tensor gets its own mapping (mmap threshold 1 MiB instead of lite-ft's

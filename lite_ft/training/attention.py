@@ -5,8 +5,14 @@ small-block matmuls at 80-110 GFLOP/s here (SmolLM2, batch 8 x 348 tokens: 67-83
 fp32, 62-68 in bf16; 23% of a bf16 LoRA step). This kernel splits the queries into chunks of about CHUNK rows; each chunk
 meets only the keys some row of it may attend to (the causal triangle and trailing padding drop out), as batched
 matmuls with the query heads that share a key head stacked into one matrix (grouped-query attention needs no copied
-keys). Backward recomputes the attention weights chunk by chunk from the saved query, key and value, so it keeps
-no more than the flash kernel does (not even its output or log-sum-exp).
+keys).
+
+Backward needs the attention weights (softmax of the scores). In fp32 it recomputes them chunk by chunk from the
+saved query, key and value, so it keeps no more than the flash kernel does (not even its output or log-sum-exp). In
+bf16 and fp16 it keeps them when they take at most KEEP_BYTES a call (keeps_weights; train.attention_weights
+chooses otherwise): there the matmuls run twice
+as fast, so the recomputation (the score matmul, the mask and the softmax again) is a larger share of a step, and
+the weights take half the bytes. Measured in the README's speed section.
 
 The score matrices live in buffers reused from call to call (Workspace): allocators that return freed memory to
 the system (jemalloc's defaults, glibc's mmap threshold) would otherwise fault in ~12 MB of fresh pages for every
@@ -23,6 +29,8 @@ import torch
 
 CHUNK = 128  # query rows per chunk: 3 chunks of 116 at 348 tokens do 2/3 of the square's work
 SCORES_BYTES = 16 << 20  # score matrix bytes per pass: more batch rows per pass than this are split into passes
+KEEP_BYTES = 16 << 20  # 16-bit attention weights kept for backward per call at most (SmolLM2, SQuAD batch 8 x 348
+# in bf16: 11.6 MB a layer, 349 MB a step); beyond it they are recomputed, so their O(tokens^2) size stays bounded
 
 
 class Workspace:
@@ -78,11 +86,12 @@ def supports(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
+                     scale: float, weights: str = "auto") -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for query (batch, heads, tokens, dim) and key/value (batch, kv heads,
     tokens, dim); the output is (batch, tokens, heads, dim), as the o_proj wants it. `mask`: transformers' boolean
-    (batch, 1, tokens, tokens) attention mask, or None for a causal one."""
-    return CausalAttention.apply(query, key, value, mask, scale)
+    (batch, 1, tokens, tokens) attention mask, or None for a causal one. `weights`: "keep", "recompute" or "auto"
+    (keeps_weights)."""
+    return CausalAttention.apply(query, key, value, mask, scale, weights)
 
 
 def _chunks(mask: torch.Tensor | None, length: int, rows: int, heads: int, itemsize: int
@@ -104,18 +113,48 @@ def _chunks(mask: torch.Tensor | None, length: int, rows: int, heads: int, items
     return out
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, part: tuple[int, int, int, int],
-            b0: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled query chunk stacked by key head, softmax weights) of batch rows b0.. of one chunk, in workspace."""
+def keeps_weights(policy: str, dtype: torch.dtype, parts: list[tuple[int, int, int, int]], batch: int,
+                  heads: int) -> bool:
+    """Whether the attention weights of these chunks are kept for backward rather than recomputed: as `policy`
+    says ("keep", "recompute"), or under "auto" when they are 16-bit and take at most KEEP_BYTES (see the module
+    docstring)."""
+    if policy != "auto":
+        return policy == "keep"
+    return dtype in (torch.bfloat16, torch.float16) and _weights_numel(parts, batch, heads) * 2 <= KEEP_BYTES
+
+
+def _weights_numel(parts: list[tuple[int, int, int, int]], batch: int, heads: int) -> int:
+    return sum(batch * heads * (r1 - r0) * end for r0, r1, end, _ in parts)
+
+
+def _weights_shape(part: tuple[int, int, int, int], b0: int, nb: int, heads: int, kv: int) -> tuple[int, ...]:
+    """(batch rows of the pass, key heads, stacked query rows, keys seen) of batch rows b0.. of one chunk."""
     r0, r1, end, per = part
+    return (min(b0 + per, nb) - b0, kv, heads // kv * (r1 - r0), end)
+
+
+def _query(q: torch.Tensor, kv: int, part: tuple[int, int, int, int], b0: int, scale: float) -> torch.Tensor:
+    """The scaled query chunk of batch rows b0.., stacked by key head (b, kv, group x rows, dim), in workspace."""
+    r0, r1, _, per = part
     nb, heads, _, dim = q.shape
+    b1 = min(b0 + per, nb)
+    qc = WORKSPACE.take("query", (b1 - b0, heads, r1 - r0, dim), q.dtype, q.device)
+    torch.mul(q[b0:b1, :, r0:r1], scale, out=qc)
+    return qc.view(b1 - b0, kv, heads // kv * (r1 - r0), dim)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, part: tuple[int, int, int, int],
+            b0: int, scale: float, into: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled query chunk stacked by key head, softmax weights) of batch rows b0.. of one chunk; the weights in
+    `into`, else in workspace."""
+    r0, r1, end, per = part
+    nb, heads = q.shape[:2]
     b1 = min(b0 + per, nb)
     kv = k.shape[1]
     rows, group = r1 - r0, heads // kv
-    qc = WORKSPACE.take("query", (b1 - b0, heads, rows, dim), q.dtype, q.device)
-    torch.mul(q[b0:b1, :, r0:r1], scale, out=qc)
-    qc = qc.view(b1 - b0, kv, group * rows, dim)
-    s = WORKSPACE.take("scores", (b1 - b0, kv, group * rows, end), q.dtype, q.device)
+    qc = _query(q, kv, part, b0, scale)
+    s = into if into is not None else WORKSPACE.take("scores", _weights_shape(part, b0, nb, heads, kv), q.dtype,
+                                                     q.device)
     torch.matmul(qc, k[b0:b1, :, :end].transpose(-1, -2), out=s)
     if mask is not None:
         blocked = mask[b0:b1, 0, r0:r1, :end].logical_not()
@@ -134,50 +173,70 @@ def _by_key_head(t: torch.Tensor, kv: int) -> torch.Tensor:
 
 
 class CausalAttention(torch.autograd.Function):
-    """See the module docstring. Saves query, key, value and the mask; recomputes the weights in backward."""
+    """See the module docstring. Saves query, key, value, the mask and (keeps_weights) the attention weights of every
+    chunk in one flat tensor; recomputes the weights in backward otherwise."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
+                scale: float, weights: str) -> torch.Tensor:
         nb, heads, length, dim = q.shape
         kv = k.shape[1]
         out = torch.empty(nb, length, heads, dim, dtype=q.dtype, device=q.device)
         parts = _chunks(mask, length, nb, heads, q.element_size())
-        for part in parts:
+        kept = None
+        if keeps_weights(weights, q.dtype, parts, nb, heads):
+            kept = torch.empty(_weights_numel(parts, nb, heads), dtype=q.dtype, device=q.device)
+        for part, b0, at in _passes(parts, nb, heads, kv):
             r0, r1, end, per = part
-            for b0 in range(0, nb, per):
-                b1 = min(b0 + per, nb)
-                _, p = _scores(q, k, mask, part, b0, scale)
-                o = WORKSPACE.take("output", (b1 - b0, kv, p.shape[2], dim), q.dtype, q.device)
-                torch.matmul(p, v[b0:b1, :, :end], out=o)
-                _by_key_head(out[b0:b1, r0:r1], kv).copy_(o.view(b1 - b0, kv, heads // kv, r1 - r0, dim))
-        ctx.save_for_backward(q, k, v, mask)
+            b1 = min(b0 + per, nb)
+            into = None if kept is None else _view(kept, at, _weights_shape(part, b0, nb, heads, kv))
+            _, p = _scores(q, k, mask, part, b0, scale, into)
+            o = WORKSPACE.take("output", (b1 - b0, kv, p.shape[2], dim), q.dtype, q.device)
+            torch.matmul(p, v[b0:b1, :, :end], out=o)
+            _by_key_head(out[b0:b1, r0:r1], kv).copy_(o.view(b1 - b0, kv, heads // kv, r1 - r0, dim))
+        ctx.save_for_backward(q, k, v, mask, kept)
         ctx.scale, ctx.parts = scale, parts
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, k, v, mask = ctx.saved_tensors
+        q, k, v, mask, kept = ctx.saved_tensors
         nb, heads, length, dim = q.shape
         kv = k.shape[1]
         dq = torch.empty(nb, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # q's layout
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for part in ctx.parts:
+        for part, b0, at in _passes(ctx.parts, nb, heads, kv):
             r0, r1, end, per = part
-            for b0 in range(0, nb, per):
-                b1 = min(b0 + per, nb)
+            b1 = min(b0 + per, nb)
+            if kept is None:
                 qc, p = _scores(q, k, mask, part, b0, ctx.scale)
-                shape = (b1 - b0, kv, p.shape[2], dim)
-                do = WORKSPACE.take("grad output", shape, q.dtype, q.device)
-                do.view(b1 - b0, kv, heads // kv, r1 - r0, dim).copy_(_by_key_head(grad[b0:b1, r0:r1], kv))
-                dv[b0:b1, :, :end] += p.transpose(-1, -2) @ do
-                dp = WORKSPACE.take("grad scores", p.shape, q.dtype, q.device)
-                torch.matmul(do, v[b0:b1, :, :end].transpose(-1, -2), out=dp)
-                # dS = P * (dP - rowsum(dP * P)); the scale is already in qc, and goes on dq below
-                ds = torch._softmax_backward_data(dp, p, -1, p.dtype) if q.device.type == "meta" else \
-                    torch.ops.aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=dp)
-                dk[b0:b1, :, :end] += ds.transpose(-1, -2) @ qc
-                dq_c = WORKSPACE.take("grad query", shape, q.dtype, q.device)
-                torch.matmul(ds, k[b0:b1, :, :end], out=dq_c)
-                torch.mul(dq_c.view(b1 - b0, heads, r1 - r0, dim), ctx.scale, out=dq[b0:b1, :, r0:r1])
-        return dq, dk, dv, None, None
+            else:
+                qc, p = _query(q, kv, part, b0, ctx.scale), _view(kept, at, _weights_shape(part, b0, nb, heads, kv))
+            shape = (b1 - b0, kv, p.shape[2], dim)
+            do = WORKSPACE.take("grad output", shape, q.dtype, q.device)
+            do.view(b1 - b0, kv, heads // kv, r1 - r0, dim).copy_(_by_key_head(grad[b0:b1, r0:r1], kv))
+            dv[b0:b1, :, :end] += p.transpose(-1, -2) @ do
+            dp = WORKSPACE.take("grad scores", p.shape, q.dtype, q.device)
+            torch.matmul(do, v[b0:b1, :, :end].transpose(-1, -2), out=dp)
+            # dS = P * (dP - rowsum(dP * P)); the scale is already in qc, and goes on dq below
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype) if q.device.type == "meta" else \
+                torch.ops.aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=dp)
+            dk[b0:b1, :, :end] += ds.transpose(-1, -2) @ qc
+            dq_c = WORKSPACE.take("grad query", shape, q.dtype, q.device)
+            torch.matmul(ds, k[b0:b1, :, :end], out=dq_c)
+            torch.mul(dq_c.view(b1 - b0, heads, r1 - r0, dim), ctx.scale, out=dq[b0:b1, :, r0:r1])
+        return dq, dk, dv, None, None, None
+
+
+def _passes(parts: list[tuple[int, int, int, int]], nb: int, heads: int, kv: int
+            ) -> Iterator[tuple[tuple[int, int, int, int], int, int]]:
+    """(chunk, first batch row, offset of its weights in the kept flat tensor) of every pass, in order."""
+    at = 0
+    for part in parts:
+        for b0 in range(0, nb, part[3]):
+            yield part, b0, at
+            at += math.prod(_weights_shape(part, b0, nb, heads, kv))
+
+
+def _view(flat: torch.Tensor, at: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return flat[at:at + math.prod(shape)].view(shape)

@@ -114,7 +114,7 @@ def fused_forward(layer: torch.nn.Module, hidden: torch.Tensor, *, attention_mas
     dropout = attn.attention_dropout if attn.training else 0.0
     if layer._lite_ft_attention and cfg._attn_implementation == "sdpa" and attention.supports(
             q, k, attention_mask, dropout):
-        out = attention.causal_attention(q, k, v, attention_mask, attn.scaling)
+        out = attention.causal_attention(q, k, v, attention_mask, attn.scaling, layer._lite_ft_attention_weights)
     else:
         kernel = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, _eager(attn))
         out, _ = kernel(attn, q, k, v, attention_mask, dropout=dropout, scaling=attn.scaling, **kwargs)
@@ -171,9 +171,10 @@ def set_enabled(model: torch.nn.Module, on: bool) -> int:
     return len(layers)
 
 
-def install(model: torch.nn.Module, own_attention: bool = True) -> FusedReport:
+def install(model: torch.nn.Module, own_attention: bool = True, attention_weights: str = "auto") -> FusedReport:
     """Route every fusable decoder layer of a peft LoRA model through the fused blocks; say why others are not.
-    `own_attention`: on the CPU, lite_ft.training.attention instead of the model's SDPA (model.attention: auto)."""
+    `own_attention`: on the CPU, lite_ft.training.attention instead of the model's SDPA (model.attention: auto);
+    `attention_weights`: whether that kernel keeps its weights for backward (train.attention_weights)."""
     report = FusedReport()
     layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
     report.total_layers = len(layers)
@@ -192,5 +193,6 @@ def install(model: torch.nn.Module, own_attention: bool = True) -> FusedReport:
         layer.forward = types.MethodType(_fused_or_original, layer)  # deepcopy rebinds it to the copy
         layer._lite_ft_fused = True
         layer._lite_ft_attention = own_attention
+        layer._lite_ft_attention_weights = attention_weights
         report.fused_layers += 1
     return report

@@ -48,6 +48,17 @@ def test_flops_of_the_trace_are_torchs_own_count() -> None:
     assert trace.flops() == counter.get_total_flops() > 0
 
 
+def test_in_place_matmuls_count_as_their_out_of_place_forms() -> None:
+    """The fused LoRA blocks accumulate into their outputs with addmm_: 2 m k n FLOPs like addmm, not 0 (torch's
+    registry has no entry for the in-place ops)."""
+    c, a, b = (torch.empty(*s, device="meta") for s in ((16, 48), (16, 32), (32, 48)))
+    cb, ab, bb = (torch.empty(*s, device="meta") for s in ((4, 16, 48), (4, 16, 32), (4, 32, 48)))
+    with OpTrace() as trace:
+        c.addmm_(a, b, alpha=0.5)
+        cb.baddbmm_(ab, bb)
+    assert trace.flops() == 2 * 16 * 32 * 48 * 5
+
+
 def test_every_op_is_timed_on_real_tensors_and_more_work_takes_longer() -> None:
     table = OpTimes("test-machine")
     small, untimed_small = table.seconds(_trace(128))

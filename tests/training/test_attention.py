@@ -89,3 +89,41 @@ def test_reuses_its_score_buffers() -> None:
     before = {key: t.data_ptr() for key, t in attention.WORKSPACE.flat.items()}
     _run(lambda *a: attention.causal_attention(*a, 0.25), q, k, v, mask)
     assert before and {key: t.data_ptr() for key, t in attention.WORKSPACE.flat.items()} == before
+
+
+def _saved_numels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    """Sizes of the tensors causal_attention saves for backward."""
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        attention.causal_attention(*(t.detach().requires_grad_() for t in (q, k, v)), mask, 0.25)
+    return saved
+
+
+def test_bf16_keeps_the_weights_and_computes_what_recomputing_them_computes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In bf16 within KEEP_BYTES the softmax weights of every chunk are saved (one flat tensor) instead of being
+    recomputed in backward; output and gradients are the same bits as with recomputation (KEEP_BYTES 0)."""
+    monkeypatch.setattr(attention, "CHUNK", 8)
+    q, k, v, mask = _inputs(rows=3, heads=6, kv_heads=2, length=29, pad=[0, 5, 11], dtype=torch.bfloat16)
+    parts = attention._chunks(mask, 29, 3, 6, 2)
+    weights = sum(3 * 6 * (r1 - r0) * end for r0, r1, end, _ in parts)
+    assert attention.keeps_weights("auto", torch.bfloat16, parts, 3, 6)
+    assert sorted(_saved_numels(q, k, v, mask)) == sorted([q.numel(), k.numel(), v.numel(), mask.numel(), weights])
+    kept = _run(lambda *a: attention.causal_attention(*a, 0.25), q, k, v, mask)
+    monkeypatch.setattr(attention, "KEEP_BYTES", 0)
+    assert len(_saved_numels(q, k, v, mask)) == 4
+    recomputed = _run(lambda *a: attention.causal_attention(*a, 0.25), q, k, v, mask)
+    for name, a, b in zip(("output", "query", "key", "value"), kept, recomputed):
+        assert torch.equal(a, b), name
+
+
+def test_fp32_recomputes_the_weights_unless_asked_to_keep_them() -> None:
+    """fp32 keeps the least by default: query, key, value and the mask, whatever the size. Kept on request
+    (train.attention_weights: keep), its output and gradients still equal SDPA's; "recompute" holds for bf16."""
+    q, k, v, mask = _inputs(rows=2, heads=4, kv_heads=2, length=24, pad=[0, 4])
+    assert sorted(_saved_numels(q, k, v, mask)) == sorted([q.numel(), k.numel(), v.numel(), mask.numel()])
+    parts = attention._chunks(mask, 24, 2, 4, 4)
+    assert attention.keeps_weights("keep", torch.float32, parts, 2, 4)
+    assert not attention.keeps_weights("recompute", torch.bfloat16, parts, 2, 4)
+    got = _run(lambda *a: attention.causal_attention(*a, 16 ** -0.5, "keep"), q, k, v, mask)
+    for name, a, b in zip(("output", "query", "key", "value"), got, _run(_sdpa, q, k, v, mask)):
+        assert torch.allclose(a, b, rtol=TOL, atol=TOL), (name, (a - b).abs().max())

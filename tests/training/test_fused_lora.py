@@ -258,6 +258,18 @@ def test_model_attention_sdpa_keeps_torch_s_kernel(make_doc: Callable[..., dict[
     _assert_same(built.model, len(built.tokenizer))
 
 
+@pytest.mark.parametrize("policy", ["auto", "recompute"])
+def test_train_attention_weights_reaches_the_attention_kernel(policy: str, make_doc: Callable[..., dict[str, Any]],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.attention_weights goes from the recipe to every fused layer's attention call."""
+    built = _built(make_doc, train={"attention_weights": policy}, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    seen: list[str] = []
+    kernel = fused_lora.attention.causal_attention
+    monkeypatch.setattr(fused_lora.attention, "causal_attention", lambda *a: seen.append(a[-1]) or kernel(*a))
+    _loss_and_grads(built.model, _batch(len(built.tokenizer)))
+    assert seen == [policy, policy]
+
+
 def test_bf16_base_multiplies_adapters_in_bf16(make_doc: Callable[..., dict[str, Any]]) -> None:
     """Over a bf16 base the LoRA products run in bf16, as autocast runs them (fused_ops.product_dtype): every matmul
     of the step is bf16, the fp32 adapters still get fp32 gradients, and those are as close to the fp32 model's as
