@@ -1,6 +1,7 @@
 """lite-ft's chunked causal attention (lite_ft/training/attention.py) against torch's SDPA, forward and backward, at
 SmolLM2-135M's attention shapes (9 query heads, 3 key/value heads, head dim 64) on right-padded batches of 8, in
-fp32 and bf16. Run it alone (the timings share the cores), under the allocator a `lite-ft run` gets:
+fp32 and bf16, with the attention weights recomputed in backward and kept from forward (train.attention_weights).
+Run it alone (the timings share the cores), under the allocator a `lite-ft run` gets:
 
     LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=oversize_threshold:1073741824,muzzy_decay_ms:-1 \\
         python benchmarks/attention.py [--out benchmarks/results/levers-cpu]
@@ -75,20 +76,28 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for length in (int(x) for x in args.lengths.split(",")):
             q, k, v, mask = inputs(length, dtype)
-            ours = time_kernel(lambda *a: causal_attention(*a, DIM ** -0.5), q, k, v, mask, args.repeats)
-            theirs = time_kernel(sdpa, q, k, v, mask, args.repeats)
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "length": length, "lite_ft": ours,
-                         "sdpa": theirs})
+            row = {"dtype": str(dtype).replace("torch.", ""), "length": length}
+            for policy in ("recompute", "keep"):
+                row[f"lite_ft_{policy}"] = time_kernel(lambda *a: causal_attention(*a, DIM ** -0.5, policy), q, k,
+                                                       v, mask, args.repeats)
+            row["sdpa"] = time_kernel(sdpa, q, k, v, mask, args.repeats)
+            rows.append(row)
     allocator = f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')} MALLOC_CONF={os.environ.get('MALLOC_CONF', '')}"
     lines = [f"# Attention kernels, SmolLM2-135M shapes ({ROWS} rows, {HEADS} heads, {KV_HEADS} key/value heads, "
              f"dim {DIM}), right-padded causal mask", "",
-             "| dtype | tokens | SDPA fwd ms | SDPA bwd ms | lite-ft fwd ms | lite-ft bwd ms | lite-ft speed / SDPA's |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "lite-ft recomputes its attention weights in backward (fp32's default) or keeps them from forward (bf16's "
+             "default while they take at most 16 MiB; both columns are lite-ft's kernel).", "",
+             "| dtype | tokens | SDPA fwd + bwd ms | recompute fwd ms | recompute bwd ms | keep fwd ms | keep bwd ms | "
+             "recompute speed / SDPA's | keep speed / recompute's |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        a, b = r["sdpa"], r["lite_ft"]
-        total = (a["forward_ms"] + a["backward_ms"]) / (b["forward_ms"] + b["backward_ms"])
-        lines.append(f"| {r['dtype']} | {r['length']} | {a['forward_ms']:.1f} | {a['backward_ms']:.1f} | "
-                     f"{b['forward_ms']:.1f} | {b['backward_ms']:.1f} | {total:.2f}x |")
+        total = {name: r[name]["forward_ms"] + r[name]["backward_ms"]
+                 for name in ("sdpa", "lite_ft_recompute", "lite_ft_keep")}
+        a, b = r["lite_ft_recompute"], r["lite_ft_keep"]
+        lines.append(f"| {r['dtype']} | {r['length']} | {total['sdpa']:.1f} | {a['forward_ms']:.1f} | "
+                     f"{a['backward_ms']:.1f} | {b['forward_ms']:.1f} | {b['backward_ms']:.1f} | "
+                     f"{total['sdpa'] / total['lite_ft_recompute']:.2f}x | "
+                     f"{total['lite_ft_recompute'] / total['lite_ft_keep']:.2f}x |")
     lines += ["", f"Command: `python benchmarks/attention.py --lengths {args.lengths} --repeats {args.repeats}` "
               f"(best of {args.repeats}, {torch.get_num_threads()} threads, torch {torch.__version__}; {allocator})",
               ""]

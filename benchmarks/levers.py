@@ -66,6 +66,12 @@ VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
                                {}),
     "bf16": ("model.dtype=bfloat16: frozen base stored and computed in bf16, adapters fp32 (AMX / AVX512-BF16 "
              "CPUs only; ~400x slower without)", ["model.dtype=bfloat16"], {}),
+    "bf16 attention weights recomputed": ("model.dtype=bfloat16, train.attention_weights=recompute: lite-ft's "
+                                          "attention recomputes its softmax weights in backward, as in fp32, "
+                                          "instead of keeping them (compare with bf16)",
+                                          ["model.dtype=bfloat16", "train.attention_weights=recompute"], {}),
+    "attention weights kept": ("train.attention_weights=keep: fp32 attention keeps its softmax weights for "
+                               "backward instead of recomputing them", ["train.attention_weights=keep"], {}),
     "fp32": ("model.dtype=float32: everything in fp32", ["model.dtype=float32"], {}),
     "qlora fp32": ("method=qlora, model.dtype=float32: NF4 base dequantized to fp32", ["method=qlora",
                    "model.dtype=float32"], {}),
