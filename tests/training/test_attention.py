@@ -1,6 +1,7 @@
 """lite_ft.training.attention: the chunked causal attention of the fused LoRA layers computes what torch's SDPA
 computes (outputs and the gradients of query, key and value, fp32, 1e-5), however the queries are chunked and the
-batch split into passes; it takes only the inputs it computes exactly, and reuses its score buffers."""
+batch split into passes; it takes only the inputs it computes exactly, and reuses its score buffers. In bf16 it keeps
+the attention weights for backward instead of recomputing them, with the same bits."""
 from __future__ import annotations
 
 import pytest
@@ -99,10 +100,13 @@ def _saved_numels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return saved
 
 
-def test_bf16_keeps_the_weights_and_computes_what_recomputing_them_computes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In bf16 within KEEP_BYTES the softmax weights of every chunk are saved (one flat tensor) instead of being
-    recomputed in backward; output and gradients are the same bits as with recomputation (KEEP_BYTES 0)."""
+@pytest.mark.parametrize("scores_bytes", [16 << 20, 4096])
+def test_bf16_keeps_the_weights_and_computes_what_recomputing_them_computes(scores_bytes: int,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """In bf16 within KEEP_BYTES the softmax weights of every chunk (and pass) are saved in one flat tensor instead
+    of being recomputed in backward; output and gradients are the same bits as with recomputation (KEEP_BYTES 0)."""
     monkeypatch.setattr(attention, "CHUNK", 8)
+    monkeypatch.setattr(attention, "SCORES_BYTES", scores_bytes)
     q, k, v, mask = _inputs(rows=3, heads=6, kv_heads=2, length=29, pad=[0, 5, 11], dtype=torch.bfloat16)
     parts = attention._chunks(mask, 29, 3, 6, 2)
     weights = sum(3 * 6 * (r1 - r0) * end for r0, r1, end, _ in parts)
