@@ -186,10 +186,9 @@ class CausalAttention(torch.autograd.Function):
         kept = None
         if keeps_weights(weights, q.dtype, parts, nb, heads):
             kept = torch.empty(_weights_numel(parts, nb, heads), dtype=q.dtype, device=q.device)
-        for part, b0, at in _passes(parts, nb, heads, kv):
+        for part, b0, into in _passes(parts, nb, heads, kv, kept):
             r0, r1, end, per = part
             b1 = min(b0 + per, nb)
-            into = None if kept is None else _view(kept, at, _weights_shape(part, b0, nb, heads, kv))
             _, p = _scores(q, k, mask, part, b0, scale, into)
             o = WORKSPACE.take("output", (b1 - b0, kv, p.shape[2], dim), q.dtype, q.device)
             torch.matmul(p, v[b0:b1, :, :end], out=o)
@@ -205,13 +204,13 @@ class CausalAttention(torch.autograd.Function):
         kv = k.shape[1]
         dq = torch.empty(nb, length, heads, dim, dtype=q.dtype, device=q.device).transpose(1, 2)  # q's layout
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        for part, b0, at in _passes(ctx.parts, nb, heads, kv):
+        for part, b0, weights in _passes(ctx.parts, nb, heads, kv, kept):
             r0, r1, end, per = part
             b1 = min(b0 + per, nb)
-            if kept is None:
+            if weights is None:
                 qc, p = _scores(q, k, mask, part, b0, ctx.scale)
             else:
-                qc, p = _query(q, kv, part, b0, ctx.scale), _view(kept, at, _weights_shape(part, b0, nb, heads, kv))
+                qc, p = _query(q, kv, part, b0, ctx.scale), weights
             shape = (b1 - b0, kv, p.shape[2], dim)
             do = WORKSPACE.take("grad output", shape, q.dtype, q.device)
             do.view(b1 - b0, kv, heads // kv, r1 - r0, dim).copy_(_by_key_head(grad[b0:b1, r0:r1], kv))
@@ -228,15 +227,13 @@ class CausalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _passes(parts: list[tuple[int, int, int, int]], nb: int, heads: int, kv: int
-            ) -> Iterator[tuple[tuple[int, int, int, int], int, int]]:
-    """(chunk, first batch row, offset of its weights in the kept flat tensor) of every pass, in order."""
+def _passes(parts: list[tuple[int, int, int, int]], nb: int, heads: int, kv: int, kept: torch.Tensor | None
+            ) -> Iterator[tuple[tuple[int, int, int, int], int, torch.Tensor | None]]:
+    """(chunk, first batch row, its weights' view of the kept flat tensor or None) of every pass, in order."""
     at = 0
     for part in parts:
         for b0 in range(0, nb, part[3]):
-            yield part, b0, at
-            at += math.prod(_weights_shape(part, b0, nb, heads, kv))
-
-
-def _view(flat: torch.Tensor, at: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return flat[at:at + math.prod(shape)].view(shape)
+            shape = _weights_shape(part, b0, nb, heads, kv)
+            n = math.prod(shape)
+            yield part, b0, None if kept is None else kept[at:at + n].view(shape)
+            at += n
